@@ -1,0 +1,46 @@
+"""The Spark session: `local[*]` by default, any master by config."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+# Keep the embedded session quiet and small: 2-core machines, no UI.
+DEFAULT_CONF: dict[str, str] = {
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "20000",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.driver.memory": "4g",
+    "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
+    "spark.python.worker.reuse": "true",
+}
+
+
+def get_spark(
+    app_name: str = "lifecycle-mtl",
+    master: str | None = "local[*]",
+    conf: dict[str, Any] | None = None,
+) -> SparkSession:
+    """Build (or reuse) a SparkSession. ``master=None`` leaves it to spark-submit."""
+    os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON", _python()))
+    builder = SparkSession.builder.appName(app_name)
+    if master:
+        builder = builder.master(master)
+    merged = {**DEFAULT_CONF, **{k: str(v) for k, v in (conf or {}).items()}}
+    for k, v in merged.items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable
