@@ -56,7 +56,9 @@ class TableSource(_Strict):
     def _types_known(cls, v: dict[str, str]) -> dict[str, str]:
         for col, typ in v.items():
             if typ not in SPARK_TYPES:
-                raise ValueError(f"column {col!r} has type {typ!r}; use one of {sorted(SPARK_TYPES)}")
+                raise ValueError(
+                    f"column {col!r} has type {typ!r}; use one of {sorted(SPARK_TYPES)}"
+                )
         if not v:
             raise ValueError("at least one column must be declared")
         return v
@@ -201,13 +203,12 @@ class TaskKind(StrEnum):
 class Task(_Strict):
     name: str
     kind: TaskKind
-    # For an impressions source: the log column; for an events source: an action name.
+    # For an impressions source: the log column. For an events source: an action name (binary:
+    # whether the impression got that action) or an action_values name (dwell: summed value).
     column: str
     # dwell: source values are multiplied by this (e.g. 0.001 for milliseconds -> seconds)
     scale: float = 1.0
     n_bins: int | None = Field(None, ge=2)
-    # binary tasks may be derived from another task: long_view = dwell seconds >= threshold
-    threshold: float | None = None
 
     @model_validator(mode="after")
     def _bins_for_dwell(self) -> Task:
@@ -284,17 +285,27 @@ class FeatureSpec(_Strict):
         names: set[str] = set()
         for i, t in enumerate(self.tasks):
             if not NAME_RE.match(t.name):
-                raise ValueError(f"tasks.{i}.name: {t.name!r}: use lower case letters, digits and _")
+                raise ValueError(
+                    f"tasks.{i}.name: {t.name!r}: use lower case letters, digits and _"
+                )
             if t.name in names:
                 raise ValueError(f"tasks.{i}.name: duplicate task {t.name!r}")
             names.add(t.name)
             src = self.source
             if src.shape == "impressions" and t.column not in src.columns:
-                raise ValueError(f"tasks.{i}.column: {t.column!r} is not declared in source.columns")
+                raise ValueError(
+                    f"tasks.{i}.column: {t.column!r} is not declared in source.columns"
+                )
             if src.shape == "events" and src.events is not None:
-                known = set(src.events.actions) | set(src.events.action_values)
+                # binary tasks read an action's flag, dwell tasks an action's summed value
+                known = (
+                    src.events.actions if t.kind == TaskKind.BINARY else src.events.action_values
+                )
                 if t.column not in known:
-                    raise ValueError(f"tasks.{i}.column: {t.column!r} is not an action of source.events")
+                    what = "actions" if t.kind == TaskKind.BINARY else "action_values"
+                    raise ValueError(
+                        f"tasks.{i}.column: {t.column!r} is not in source.events.{what}"
+                    )
         feats: set[str] = set()
         for gname in ("user", "item", "context"):
             group: FeatureGroup = getattr(self, gname)
@@ -308,7 +319,9 @@ class FeatureSpec(_Strict):
                 for i, f in enumerate(getattr(group, kind)):
                     key = f"{gname}.{kind}.{i}"
                     if not NAME_RE.match(f.name):
-                        raise ValueError(f"{key}.name: {f.name!r}: use lower case letters, digits and _")
+                        raise ValueError(
+                            f"{key}.name: {f.name!r}: use lower case letters, digits and _"
+                        )
                     if f.name in feats or f.name in RESERVED_COLUMNS:
                         raise ValueError(f"{key}.name: {f.name!r} is used twice or is reserved")
                     feats.add(f.name)
@@ -391,7 +404,9 @@ def resolve_paths(spec: FeatureSpec, base: Path) -> FeatureSpec:
             return p
         return str((base / p).resolve()) if "{date}" not in p else str(base.resolve() / p)
 
-    update: dict[str, Any] = {"source": spec.source.model_copy(update={"path": fix(spec.source.path)})}
+    update: dict[str, Any] = {
+        "source": spec.source.model_copy(update={"path": fix(spec.source.path)})
+    }
     for g in ("user", "item"):
         group: FeatureGroup = getattr(spec, g)
         if group.tables:

@@ -1,0 +1,90 @@
+"""Run configuration: YAML in conf/, validated on load, every value overridable as key.path=value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.spec import SpecError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SparkConfig(_Strict):
+    master: str | None = "local[*]"
+    app_name: str = "lifecycle-mtl"
+    conf: dict[str, str] = Field(default_factory=dict)
+    # Partitions of the per-user running-feature stage (users are hashed into them).
+    user_partitions: int = Field(8, ge=1)
+
+
+class DeltaConfig(_Strict):
+    # delta-rs commits by default; delta-spark needs its jars on the classpath (cluster only).
+    writer: Literal["delta-rs", "delta-spark"] = "delta-rs"
+
+
+class PipelineConfig(_Strict):
+    spec: str = "feature_specs/kuairand.yaml"
+    # Tables go to <lake>/<spec name>/{examples,rejected,user_state,user_daily} plus artifacts/.
+    lake: str = "lake"
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    delta: DeltaConfig = Field(default_factory=DeltaConfig)
+    # Snapshots of the user state kept after a nightly run (re-running the last N dates works).
+    state_retention_days: int = Field(7, ge=2)
+    # Rows more than this many seconds after the run's wall clock are rejected as future_time.
+    future_tolerance_s: int = Field(3600, ge=0)
+    # An empty day is an error (usually an upstream failure) unless allowed.
+    allow_empty_day: bool = False
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = {}
+            cur[k] = nxt
+        if not isinstance(nxt, dict):
+            raise SpecError(f"override {dotted}: {k!r} is not a mapping")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (numbers, lists, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return data
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    model: type[BaseModel] = PipelineConfig,
+) -> Any:
+    data: dict[str, Any] = {}
+    origin = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise SpecError(f"config not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        origin = str(path)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+            lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
+        raise SpecError(f"invalid config {origin}:\n  " + "\n  ".join(lines)) from None

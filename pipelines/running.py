@@ -1,0 +1,232 @@
+"""Running per-user features over strictly earlier events: pseudo-labels, counts, sequences.
+
+For an event e of user u at time t on day D:
+  * ``n_prev_all`` / ``pl_all_<task>``: count and mean task value of u's events with time < t;
+  * ``n_prev`` / ``pl_<task>``: the same over the W calendar days D-W+1 .. D (W = window_days;
+    all history when the spec has no window);
+  * ``seq_<name>``: item indices of u's last L events with time < t that match the sequence's
+    filter, oldest first.
+Events at the same timestamp are not earlier than each other. With no history the mean falls
+back to the training window's global mean (``n_prev = 0`` tells the trainer so).
+
+One kernel serves the full rebuild and the nightly run. The nightly run feeds yesterday's user
+state in as *pseudo-rows* that sort before the day's events: one row per stored sequence item
+(weight 0), one aggregate row for history older than the window, and one row per window day
+from the daily aggregates. Integer sums keep both paths bit-identical.
+
+The kernel runs inside ``mapInArrow`` on partitions hash-partitioned by user and sorted by
+(user, time, tie-break); it is vectorised numpy, so its cost is O(n log n) per partition with
+no per-row Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+PSEUDO_TIME = -(2**62)
+PSEUDO_DAY = -1_000_000_000
+DAY_OFFSET = 2_000_000_000
+DAY_KEY = 2**32
+
+# Internal kernel columns (dropped from the output).
+K_USER, K_REAL, K_DAY, K_W = "_k_user", "_k_real", "_k_day", "_k_w"
+
+
+def s_col(task: str) -> str:
+    return f"_k_s_{task}"
+
+
+def q_col(seq: str) -> str:
+    return f"_k_q_{seq}"
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    tasks: list[str]
+    # task -> divisor turning the integer value into a [0, 1] mean (1 or n_bins - 1)
+    divisors: dict[str, int]
+    fallback: dict[str, float]
+    window_days: int | None
+    all_history: bool
+    sequences: dict[str, int]  # name -> max_len
+
+    def output_fields(self) -> list[T.StructField]:
+        fields = [T.StructField("n_prev", T.LongType(), False)]
+        fields += [T.StructField(f"pl_{t}", T.DoubleType(), False) for t in self.tasks]
+        if self.window_days is not None and self.all_history:
+            fields.append(T.StructField("n_prev_all", T.LongType(), False))
+            fields += [T.StructField(f"pl_all_{t}", T.DoubleType(), False) for t in self.tasks]
+        fields += [
+            T.StructField(f"seq_{s}", T.ArrayType(T.LongType(), False), False)
+            for s in self.sequences
+        ]
+        return fields
+
+    @property
+    def internal_columns(self) -> list[str]:
+        return (
+            [K_USER, K_REAL, K_DAY, K_W]
+            + [s_col(t) for t in self.tasks]
+            + [q_col(s) for s in self.sequences]
+        )
+
+
+def _starts(flags: np.ndarray) -> np.ndarray:
+    """For each position, the index of the last True at or before it (flags[0] must be True)."""
+    idx = np.where(flags, np.arange(flags.size), 0)
+    return np.maximum.accumulate(idx)
+
+
+def compute(cols: dict[str, np.ndarray], plan: KernelPlan) -> dict[str, np.ndarray | pa.Array]:
+    """Running features for rows sorted by (user, time, ...), all rows of each user present.
+
+    Args:
+        cols: K_USER, "event_time_ms", K_DAY, K_W, K_REAL, s_col(task), q_col(seq), "item_idx".
+    Returns:
+        output columns for the rows where K_REAL is true, in input order.
+    """
+    user = cols[K_USER]
+    time = cols["event_time_ms"]
+    n = user.size
+    real = cols[K_REAL].astype(bool)
+    out_idx = np.flatnonzero(real)
+    if n == 0:
+        return {f.name: np.empty(0) for f in plan.output_fields()}
+    new_user = np.empty(n, dtype=bool)
+    new_user[0] = True
+    np.not_equal(user[1:], user[:-1], out=new_user[1:])
+    new_tie = new_user.copy()
+    new_tie[1:] |= time[1:] != time[:-1]
+    ustart = _starts(new_user)
+    tstart = _starts(new_tie)
+
+    w = cols[K_W].astype(np.int64)
+    cw = np.concatenate([[0], np.cumsum(w)])
+    sums = {
+        t: np.concatenate([[0], np.cumsum(cols[s_col(t)].astype(np.int64))]) for t in plan.tasks
+    }
+
+    def means(lo: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        hi = tstart[out_idx]
+        cnt = cw[hi] - cw[lo]
+        res = {}
+        for t in plan.tasks:
+            s = sums[t][hi] - sums[t][lo]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                m = s / (cnt * plan.divisors[t])
+            res[t] = np.where(cnt > 0, m, plan.fallback[t])
+        return cnt, res
+
+    out: dict[str, np.ndarray | pa.Array] = {}
+    n_all, pl_all = means(ustart[out_idx])
+    if plan.window_days is None:
+        out["n_prev"] = n_all
+        for t in plan.tasks:
+            out[f"pl_{t}"] = pl_all[t]
+    else:
+        rank = np.cumsum(new_user) - 1
+        day = cols[K_DAY].astype(np.int64)
+        key = rank * DAY_KEY + (day + DAY_OFFSET)
+        query = rank[out_idx] * DAY_KEY + (day[out_idx] - plan.window_days + 1 + DAY_OFFSET)
+        wstart = np.searchsorted(key, query, side="left")
+        n_win, pl_win = means(wstart)
+        out["n_prev"] = n_win
+        for t in plan.tasks:
+            out[f"pl_{t}"] = pl_win[t]
+        if plan.all_history:
+            out["n_prev_all"] = n_all
+            for t in plan.tasks:
+                out[f"pl_all_{t}"] = pl_all[t]
+
+    item = cols["item_idx"].astype(np.int64) if plan.sequences else None
+    for name, max_len in plan.sequences.items():
+        q = np.flatnonzero(cols[q_col(name)].astype(bool))
+        lo = np.searchsorted(q, ustart[out_idx], side="left")
+        hi = np.searchsorted(q, tstart[out_idx], side="left")
+        start = np.maximum(lo, hi - max_len)
+        lengths = hi - start
+        offsets = np.zeros(out_idx.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        pos = np.repeat(start - offsets[:-1], lengths) + np.arange(total)
+        values = item[q[pos]] if total else np.empty(0, dtype=np.int64)
+        out[f"seq_{name}"] = pa.LargeListArray.from_arrays(
+            pa.array(offsets, pa.int64()), pa.array(values, pa.int64())
+        ).cast(pa.list_(pa.field("element", pa.int64(), nullable=False)))
+    return out
+
+
+def make_mapper(plan: KernelPlan, passthrough: list[str], out_schema: pa.Schema):
+    """A mapInArrow function: buffers each user's rows across batches, then runs `compute`."""
+    needed = ["event_time_ms", "item_idx", *plan.internal_columns]
+
+    def run(table: pa.Table) -> pa.RecordBatch:
+        cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in needed}
+        for c in cols:
+            if cols[c].dtype == object:  # nulls on pseudo rows
+                cols[c] = np.asarray(table.column(c).fill_null(0).to_numpy(zero_copy_only=False))
+        res = compute(cols, plan)
+        real_mask = pa.array(cols[K_REAL].astype(bool))
+        kept = table.select(passthrough).filter(real_mask)
+        arrays = [kept.column(c).combine_chunks() for c in passthrough]
+        for f in out_schema:
+            if f.name in passthrough:
+                continue
+            v = res[f.name]
+            arrays.append(v if isinstance(v, pa.Array) else pa.array(v, f.type))
+        return pa.RecordBatch.from_arrays(
+            [a.cast(f.type) for a, f in zip(arrays, out_schema, strict=True)], schema=out_schema
+        )
+
+    def mapper(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        pending: list[pa.RecordBatch] = []
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            users = batch.column(K_USER).to_numpy()
+            # rows of the batch's last user may continue in the next batch: hold them back
+            first_of_last = int(np.argmax(users == users[-1]))
+            if first_of_last == 0:
+                pending.append(batch)
+                continue
+            head, cut = batch.slice(0, first_of_last), batch.slice(first_of_last)
+            table = pa.Table.from_batches([*pending, head])
+            pending = [cut]
+            out = run(table.combine_chunks())
+            if out.num_rows:
+                yield out
+        if pending:
+            out = run(pa.Table.from_batches(pending).combine_chunks())
+            if out.num_rows:
+                yield out
+
+    return mapper
+
+
+def run_kernel(
+    rows: DataFrame,
+    pseudo: DataFrame | None,
+    plan: KernelPlan,
+    order: list[str],
+    partitions: int,
+) -> DataFrame:
+    """rows: real rows with the kernel's internal columns; pseudo: history rows (or None)."""
+    passthrough = [c for c in rows.columns if c not in plan.internal_columns]
+    inp = rows.withColumn(K_REAL, F.lit(True))
+    if pseudo is not None:
+        inp = inp.unionByName(pseudo.withColumn(K_REAL, F.lit(False)), allowMissingColumns=True)
+    inp = inp.repartition(partitions, K_USER).sortWithinPartitions(K_USER, "event_time_ms", *order)
+    out_struct = T.StructType(
+        [f for f in rows.schema.fields if f.name in passthrough] + plan.output_fields()
+    )
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    arrow_schema = to_arrow_schema(out_struct)
+    return inp.mapInArrow(make_mapper(plan, passthrough, arrow_schema), out_struct)

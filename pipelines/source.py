@@ -1,0 +1,394 @@
+"""Reading raw logs and side tables, validating them, and building one session per impression.
+
+Validation never drops a row silently: every row read is either accepted or lands in the rejected
+frame with a reason (``null_value:<col>``, ``bad_value:<col>``, ``bad_label:<col>``,
+``negative_value:<col>``, ``future_time``, ``bad_time``, ``date_mismatch``, ``outside_run_date``,
+``exact_duplicate``, ``malformed_line``, ``unknown_event_type``, ``orphan_action``,
+``late_action``, ``action_before_impression``), the source file and the raw row as JSON.
+Schema problems that concern a whole file (missing file, missing or unknown column, a different
+header) raise `SourceError` naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import gzip
+import os
+import re
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.window import Window
+
+from pipelines.spec import LogSource, SourceFormat, TableSource, TaskKind
+
+SPARK_TYPE = {
+    "string": T.StringType(),
+    "int": T.IntegerType(),
+    "long": T.LongType(),
+    "double": T.DoubleType(),
+    "float": T.FloatType(),
+    "boolean": T.BooleanType(),
+}
+CORRUPT = "_corrupt_record"
+FILE = "_source_file"
+FILE_DATE = "_file_date"
+MIN_VALID_TIME_MS = 946_684_800_000  # 2000-01-01: anything older is a broken clock
+
+
+DERIVED = {"date", "event_time_ms", "example_id"}
+
+
+def sc(column: str) -> str:
+    """Name of a source column in the accepted frame: a source column that clashes with a
+    derived one (KuaiRand has its own `date`) is kept as src_<name>."""
+    return f"src_{column}" if column in DERIVED else column
+
+
+class SourceError(ValueError):
+    """A source that cannot be read as declared; the message names the file and column."""
+
+
+@dataclass(frozen=True)
+class ValidatedSource:
+    """accepted: typed rows (declared columns + date, event_time_ms, example_id, _source_file);
+    rejected: date, reason, source_file, raw (JSON of the raw row)."""
+
+    accepted: DataFrame
+    rejected: DataFrame
+    # events sources: the action rows attributed to accepted sessions (accepted input rows too)
+    actions: DataFrame | None = None
+
+
+# --------------------------------------------------------------------------- reading
+def _local_files(path: str) -> list[str]:
+    if "://" in path and not path.startswith("file://"):
+        return []  # remote: Spark resolves it; header checks are done by Spark itself
+    p = path.removeprefix("file://")
+    if os.path.isdir(p):
+        files = sorted(
+            f
+            for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
+            if os.path.isfile(f) and not os.path.basename(f).startswith(("_", "."))
+        )
+    else:
+        files = sorted(glob.glob(p))
+    return files
+
+
+def _csv_header(file: str) -> list[str]:
+    opener = gzip.open if file.endswith(".gz") else open
+    try:
+        with opener(file, "rt", newline="") as fh:  # type: ignore[operator]
+            line = fh.readline()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise SourceError(f"{file}: cannot read the header line ({e})") from None
+    import csv
+
+    return next(csv.reader([line.rstrip("\r\n")]), [])
+
+
+def _check_columns(found: list[str], table: TableSource, where: str) -> None:
+    declared = list(table.columns)
+    missing = [c for c in declared if c not in found]
+    if missing:
+        raise SourceError(
+            f"{where}: missing column {missing[0]!r} (declared in columns; found {found})"
+        )
+    extra = [c for c in found if c not in table.columns and c != CORRUPT]
+    if extra and not table.allow_extra_columns:
+        raise SourceError(
+            f"{where}: unknown column {extra[0]!r} (not declared in columns; declare it or set "
+            "allow_extra_columns: true)"
+        )
+
+
+def read_raw(spark: SparkSession, table: TableSource, path: str | None = None) -> DataFrame:
+    """Read a table with every declared column as a string (casting is validation's job), plus
+    ``_source_file`` and, for CSV, ``_corrupt_record`` for lines that do not parse."""
+    path = path or table.path
+    files = _local_files(path)
+    if "://" not in path or path.startswith("file://"):
+        if not files:
+            raise SourceError(f"{path}: no such file or directory (source.path)")
+    if table.format == SourceFormat.CSV:
+        headers = {f: _csv_header(f) for f in files}
+        distinct = {tuple(h) for h in headers.values()}
+        if len(distinct) > 1:
+            a, b = list(headers.items())[:2]
+            raise SourceError(f"{b[0]}: header {b[1]} differs from {a[0]}: {a[1]}")
+        header = list(next(iter(distinct))) if distinct else list(table.columns)
+        _check_columns(header, table, files[0] if files else path)
+        schema = T.StructType(
+            [T.StructField(c, T.StringType()) for c in header]
+            + [T.StructField(CORRUPT, T.StringType())]
+        )
+        df = (
+            spark.read.option("header", True)
+            .option("mode", "PERMISSIVE")
+            .option("columnNameOfCorruptRecord", CORRUPT)
+            .option("enforceSchema", True)
+            .schema(schema)
+            .csv(files or path)
+        )
+        # Spark needs the corrupt column to be used before caching; keep it as a normal column.
+        cols = [F.col(c) for c in table.columns] + [F.col(CORRUPT)]
+    elif table.format == SourceFormat.PARQUET:
+        df = spark.read.parquet(*(files or [path]))
+        _check_columns(df.columns, table, files[0] if files else path)
+        cols = [F.col(c).cast("string").alias(c) for c in table.columns] + [
+            F.lit(None).cast("string").alias(CORRUPT)
+        ]
+    else:
+        from pipelines.delta_io import read_delta
+
+        df = read_delta(spark, path)
+        _check_columns(df.columns, table, path)
+        cols = [F.col(c).cast("string").alias(c) for c in table.columns] + [
+            F.lit(None).cast("string").alias(CORRUPT)
+        ]
+    return df.select(*cols, F.input_file_name().alias(FILE))
+
+
+def read_side_table(spark: SparkSession, table: TableSource) -> DataFrame:
+    """A side table, typed as declared. Side tables are small and static: a row that fails its
+    cast or a duplicate key is an error naming the file, column and key, not a silent drop."""
+    # cached: Spark refuses queries that touch only the corrupt-record column of a raw file
+    raw = read_raw(spark, table).cache()
+    row = raw.where(F.col(CORRUPT).isNotNull()).first()
+    if row is not None:
+        raise SourceError(f"{row[FILE]}: malformed line {row[CORRUPT]!r}")
+    checks = [
+        F.when(F.col(c).isNotNull() & F.col(c).cast(SPARK_TYPE[t]).isNull(), F.lit(c))
+        for c, t in table.columns.items()
+        if t != "string"
+    ]
+    if checks:
+        failing = raw.select("*", F.coalesce(*checks).alias("_bad")).where(
+            F.col("_bad").isNotNull()
+        )
+        row = failing.first()
+        if row is not None:
+            raise SourceError(
+                f"{row[FILE]}: column {row['_bad']!r} has value {row[row['_bad']]!r} that is not a "
+                f"{table.columns[row['_bad']]} (row {dict((k, row[k]) for k in table.columns)})"
+            )
+    key = getattr(table, "key", None)
+    typed = raw.select(*[F.col(c).cast(SPARK_TYPE[t]).alias(c) for c, t in table.columns.items()])
+    if key:
+        dup = typed.groupBy(key).count().where("count > 1").first()
+        if dup is not None:
+            raise SourceError(
+                f"{table.path}: key column {key!r} value {dup[key]!r} appears {dup['count']} times"
+            )
+    return typed
+
+
+# --------------------------------------------------------------------------- validation
+def _first_reason(checks: list[tuple[Column, str | Column]]) -> Column:
+    expr = F.lit(None).cast("string")
+    for cond, reason in reversed(checks):
+        expr = F.when(cond, reason if isinstance(reason, Column) else F.lit(reason)).otherwise(expr)
+    return expr
+
+
+def day_string(time_ms: Column, tz: str) -> Column:
+    """Calendar day (yyyy-MM-dd) of an epoch-ms column in the spec's time zone."""
+    return F.date_format(F.from_utc_timestamp(F.timestamp_millis(time_ms), tz), "yyyy-MM-dd")
+
+
+def file_date_regex(path_template: str) -> str:
+    """A regex that captures the {date} of a per-date path template from a file URI."""
+    tail = path_template.split("{date}")[0].rstrip("/").split("/")[-1]
+    return re.escape(tail) + r"[^/]*?(\d{4}-\d{2}-\d{2})" if tail else r"(\d{4}-\d{2}-\d{2})"
+
+
+def validate(
+    raw: DataFrame,
+    source: LogSource,
+    label_columns: dict[str, TaskKind],
+    now_ms: int,
+    future_tolerance_s: int,
+) -> ValidatedSource:
+    """Type, check and de-duplicate raw rows. ``label_columns`` maps a label source column to
+    the kind of task reading it (binary columns must be 0/1, dwell columns non-negative)."""
+    cols = list(source.columns)
+    unit = 1000 if source.time_unit.value == "s" else 1
+    casts = {c: F.col(c).cast(SPARK_TYPE[t]) for c, t in source.columns.items()}
+    time_ms = (casts[source.time_column] * F.lit(unit)).cast("long")
+    required = [source.user_id, source.item_id, source.time_column]
+    if source.events is not None:
+        required += [source.events.type_column, source.events.impression_id_column]
+    checks: list[tuple[Column, str | Column]] = [(F.col(CORRUPT).isNotNull(), "malformed_line")]
+    for c in required:
+        checks.append((F.col(c).isNull(), f"null_value:{c}"))
+    for c, t in source.columns.items():
+        if t != "string":
+            checks.append((F.col(c).isNotNull() & casts[c].isNull(), f"bad_value:{c}"))
+    for c, kind in label_columns.items():
+        if c not in source.columns:
+            continue
+        if source.events is None:
+            checks.append((F.col(c).isNull(), f"null_value:{c}"))
+        if kind == TaskKind.BINARY:
+            checks.append((~casts[c].isin(0, 1), f"bad_label:{c}"))
+        else:
+            checks.append((casts[c] < 0, f"negative_value:{c}"))
+    checks.append((time_ms < F.lit(MIN_VALID_TIME_MS), "bad_time"))
+    checks.append((time_ms > F.lit(now_ms + future_tolerance_s * 1000), "future_time"))
+    day = day_string(time_ms, source.timezone)
+    if source.date_column:
+        fmt = source.date_column_format
+        declared_day = F.date_format(F.to_date(F.col(source.date_column), fmt), "yyyy-MM-dd")
+        checks.append((declared_day.isNull() | (declared_day != day), "date_mismatch"))
+    if source.events is not None:
+        known = [source.events.impression_type, *source.events.actions.values()]
+        checks.append((~F.col(source.events.type_column).isin(*known), "unknown_event_type"))
+    if source.per_date:
+        checks.append(
+            (F.col(FILE_DATE).isNotNull() & (day != F.col(FILE_DATE)), "outside_run_date")
+        )
+
+    staged = raw.withColumn("_reason", _first_reason(checks))
+    if source.reject_exact_duplicates:
+        # Exact duplicates: identical in every declared column; the first stays, the rest go.
+        w = Window.partitionBy(*[F.col(c) for c in cols]).orderBy(F.col(FILE))
+        staged = staged.withColumn(
+            "_reason",
+            F.when(
+                F.col("_reason").isNull() & (F.row_number().over(w) > 1), F.lit("exact_duplicate")
+            ).otherwise(F.col("_reason")),
+        )
+    staged = staged.withColumn("_day", F.when(time_ms.isNotNull(), day))
+    raw_json = F.to_json(F.struct(*[F.col(c) for c in cols], F.col(CORRUPT)))
+    rejected = staged.where(F.col("_reason").isNotNull()).select(
+        # per-date sources account a row to the day of its file, others to the row's own day
+        (
+            F.coalesce(F.col(FILE_DATE), F.col("_day"))
+            if source.per_date
+            else F.coalesce(F.col("_day"), F.lit("unparsed"))
+        ).alias("date"),
+        F.col("_reason").alias("reason"),
+        F.col(FILE).alias("source_file"),
+        raw_json.alias("raw"),
+    )
+    hash_cols = [F.coalesce(F.col(c), F.lit("\u0000")) for c in cols]
+    accepted = staged.where(F.col("_reason").isNull()).select(
+        *[casts[c].alias(sc(c)) for c in cols],
+        F.col("_day").alias("date"),
+        time_ms.alias("event_time_ms"),
+        F.xxhash64(*hash_cols).alias("example_id"),
+        F.col(FILE),
+    )
+    return ValidatedSource(accepted=accepted, rejected=rejected)
+
+
+# --------------------------------------------------------------------------- sessions
+def action_column(name: str) -> str:
+    return f"action_{name}"
+
+
+def value_column(name: str) -> str:
+    return f"value_{name}"
+
+
+def sessionize(
+    validated: ValidatedSource, source: LogSource, count_dates: set[str] | None
+) -> ValidatedSource:
+    """Events -> one row per impression with its attributed actions (STAN's session).
+
+    An action belongs to the impression named by its impression id when it comes within
+    ``attribution_window_s`` after it (same user and item). Actions that match no impression,
+    come too late, or come before their impression are rejected. ``count_dates``: only actions
+    and impressions dated on these days are accounted here (a nightly run reads the neighbour
+    days for attribution only); None = all.
+    """
+    ev = source.events
+    assert ev is not None
+    acc = validated.accepted
+    typ, imp_id = F.col(sc(ev.type_column)), sc(ev.impression_id_column)
+    uid, iid = sc(source.user_id), sc(source.item_id)
+    impressions = acc.where(typ == ev.impression_type)
+    # Several impression events with one id: the earliest is the impression, later ones are
+    # rejected as duplicates of the id (ties broken by example_id).
+    w_imp = Window.partitionBy(imp_id).orderBy("event_time_ms", "example_id")
+    impressions = impressions.withColumn("_rank", F.row_number().over(w_imp))
+    dup_imps = impressions.where("_rank > 1")
+    impressions = impressions.where("_rank = 1").drop("_rank")
+
+    actions = acc.where(typ != ev.impression_type)
+    window_ms = ev.attribution_window_s * 1000
+    imp_keys = impressions.select(
+        F.col(imp_id).alias("_iid"),
+        F.col(uid).alias("_iu"),
+        F.col(iid).alias("_ii"),
+        F.col("event_time_ms").alias("_it"),
+    )
+    joined = actions.join(imp_keys, actions[imp_id] == imp_keys["_iid"], "left")
+    delay = F.col("event_time_ms") - F.col("_it")
+    reason = _first_reason(
+        [
+            (F.col("_iid").isNull(), "orphan_action"),
+            ((F.col(uid) != F.col("_iu")) | (F.col(iid) != F.col("_ii")), "orphan_action"),
+            (delay < 0, "action_before_impression"),
+            (delay > window_ms, "late_action"),
+        ]
+    )
+    joined = joined.withColumn("_reason", reason)
+    good_actions = joined.where(F.col("_reason").isNull())
+    bad_actions = joined.where(F.col("_reason").isNotNull())
+
+    agg = [
+        F.max(F.when(typ == v, F.lit(1)).otherwise(F.lit(0))).alias(action_column(name))
+        for name, v in ev.actions.items()
+    ]
+    agg += [
+        F.sum(F.when(typ == ev.actions[name], F.col(sc(col)))).alias(value_column(name))
+        for name, col in ev.action_values.items()
+    ]
+    per_imp = good_actions.groupBy(F.col(imp_id).alias("_aid")).agg(*agg)
+    sessions = impressions.join(per_imp, impressions[imp_id] == per_imp["_aid"], "left").drop(
+        "_aid"
+    )
+    for name in ev.actions:
+        c = action_column(name)
+        sessions = sessions.withColumn(c, F.coalesce(F.col(c), F.lit(0)))
+    for name in ev.action_values:
+        c = value_column(name)
+        sessions = sessions.withColumn(c, F.coalesce(F.col(c).cast("double"), F.lit(0.0)))
+    # The impression id is the tie-break identity of a session.
+    sessions = sessions.withColumn("example_id", F.xxhash64(F.col(imp_id)))
+
+    raw_json = F.to_json(F.struct(*[F.col(sc(c)).cast("string").alias(c) for c in source.columns]))
+
+    def rej(df: DataFrame, reason: Column) -> DataFrame:
+        return df.select(
+            F.col("date"),
+            reason.alias("reason"),
+            F.col(FILE).alias("source_file"),
+            raw_json.alias("raw"),
+        )
+
+    rejected = validated.rejected.unionByName(
+        rej(dup_imps, F.lit("duplicate_impression_id"))
+    ).unionByName(rej(bad_actions, F.col("_reason")))
+    good = good_actions.select("date")
+    if count_dates is not None:
+        dates = sorted(count_dates)
+        sessions = sessions.where(F.col("date").isin(dates))
+        rejected = rejected.where(F.col("date").isin(*dates, "unparsed"))
+        good = good.where(F.col("date").isin(dates))
+    return ValidatedSource(accepted=sessions, rejected=rejected, actions=good)
+
+
+def run_window(date: str, tz: str, pad_s: int) -> tuple[int, int]:
+    """Epoch-ms bounds [start - pad, end + pad) of a calendar day in time zone tz."""
+    from zoneinfo import ZoneInfo
+
+    d = dt.date.fromisoformat(date)
+    start = dt.datetime(d.year, d.month, d.day, tzinfo=ZoneInfo(tz))
+    end = start + dt.timedelta(days=1)
+    return int((start.timestamp() - pad_s) * 1000), int((end.timestamp() + pad_s) * 1000)

@@ -1,0 +1,217 @@
+"""The running-feature kernel against the naive reference, on generated logs (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.running import (
+    K_DAY,
+    K_REAL,
+    K_USER,
+    K_W,
+    PSEUDO_DAY,
+    PSEUDO_TIME,
+    KernelPlan,
+    compute,
+    q_col,
+    s_col,
+)
+from tests.reference import assert_running_equal, naive_running
+
+TASKS = {"click": 1, "dwell": 4}
+FALLBACK = {"click": 0.37, "dwell": 0.21}
+SEQS = {"clicked": ("click", 1.0, 3), "any": (None, 0.0, 2)}
+
+
+@st.composite
+def event_logs(draw) -> pd.DataFrame:
+    n = draw(st.integers(1, 60))
+    users = draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    # few distinct times so that same-timestamp ties are common
+    days = draw(st.lists(st.integers(0, 9), min_size=n, max_size=n))
+    secs = draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    clicks = draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+    bins = draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    items = draw(st.lists(st.integers(1, 30), min_size=n, max_size=n))
+    return pd.DataFrame(
+        {
+            "user": np.array(users, dtype=np.int64) * 7919 - 3,
+            "day": days,
+            "time": np.array(days, dtype=np.int64) * 86_400_000 + np.array(secs) * 1000,
+            "example_id": np.arange(n, dtype=np.int64)[::-1] * 31,
+            "item": items,
+            "value_click": clicks,
+            "value_dwell": bins,
+        }
+    )
+
+
+def kernel_input(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    s = df.sort_values(["user", "time", "example_id"])
+    cols = {
+        K_USER: s["user"].to_numpy(),
+        "event_time_ms": s["time"].to_numpy(),
+        K_DAY: s["day"].to_numpy(),
+        K_W: np.ones(len(s), dtype=np.int64),
+        K_REAL: np.ones(len(s), dtype=bool),
+        "item_idx": s["item"].to_numpy(),
+        s_col("click"): s["value_click"].to_numpy(),
+        s_col("dwell"): s["value_dwell"].to_numpy(),
+        q_col("clicked"): (s["value_click"] == 1).to_numpy(),
+        q_col("any"): np.ones(len(s), dtype=bool),
+    }
+    return cols, s.index
+
+
+def plan(window: int | None) -> KernelPlan:
+    return KernelPlan(
+        tasks=list(TASKS),
+        divisors=TASKS,
+        fallback=FALLBACK,
+        window_days=window,
+        all_history=True,
+        sequences={k: v[2] for k, v in SEQS.items()},
+    )
+
+
+def to_frame(res: dict, index) -> pd.DataFrame:
+    return pd.DataFrame(
+        {k: (v.to_pylist() if hasattr(v, "to_pylist") else v) for k, v in res.items()}, index=index
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(event_logs(), st.sampled_from([1, 3, 30]))
+def test_kernel_equals_naive_reference(df: pd.DataFrame, window: int) -> None:
+    cols, index = kernel_input(df)
+    got = to_frame(compute(cols, plan(window)), index)
+    want = naive_running(df, TASKS, FALLBACK, window, SEQS).loc[index]
+    checked = [
+        "n_prev",
+        "n_prev_all",
+        *[f"pl_{t}" for t in TASKS],
+        *[f"pl_all_{t}" for t in TASKS],
+        "seq_clicked",
+        "seq_any",
+    ]
+    assert_running_equal(got, want, checked)
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_logs())
+def test_all_history_window(df: pd.DataFrame) -> None:
+    p = KernelPlan(
+        tasks=list(TASKS),
+        divisors=TASKS,
+        fallback=FALLBACK,
+        window_days=None,
+        all_history=True,
+        sequences={},
+    )
+    cols, index = kernel_input(df)
+    got = to_frame(compute(cols, p), index)
+    want = naive_running(df, TASKS, FALLBACK, None, {}).loc[index]
+    assert "n_prev_all" not in got  # no window: the primary columns are all-history
+    got = got.rename(columns={"n_prev": "n_prev_all", **{f"pl_{t}": f"pl_all_{t}" for t in TASKS}})
+    assert_running_equal(got, want, ["n_prev_all", *[f"pl_all_{t}" for t in TASKS]])
+
+
+@settings(max_examples=100, deadline=None)
+@given(event_logs(), st.integers(1, 9), st.sampled_from([2, 30]))
+def test_pseudo_rows_continue_history_exactly(df: pd.DataFrame, cut_day: int, window: int) -> None:
+    """The nightly path: history before cut_day enters as pseudo-rows (aggregate outside the
+    window, one row per window day, sequence items), and the day's rows must come out exactly
+    as in one pass over everything."""
+    p = plan(window)
+    cols, index = kernel_input(df)
+    full = to_frame(compute(cols, p), index)
+    today = df[df["day"] == cut_day]
+    hist = df[df["day"] < cut_day].sort_values(["user", "time", "example_id"])
+    if today.empty:
+        return
+    pseudo = []
+    for u, g in hist.groupby("user"):
+        win = g[g["day"] >= cut_day - window + 1]
+        old = g[g["day"] < cut_day - window + 1]
+        pseudo.append(
+            {
+                "user": u,
+                "time": PSEUDO_TIME + 1_000_000,
+                "day": PSEUDO_DAY,
+                "w": len(old),
+                "click": old["value_click"].sum(),
+                "dwell": old["value_dwell"].sum(),
+            }
+        )
+        for d, gd in win.groupby("day"):
+            pseudo.append(
+                {
+                    "user": u,
+                    "time": PSEUDO_TIME + 2_000_000 + d,
+                    "day": d,
+                    "w": len(gd),
+                    "click": gd["value_click"].sum(),
+                    "dwell": gd["value_dwell"].sum(),
+                }
+            )
+        for name, (task, value, max_len) in SEQS.items():
+            q = g if task is None else g[g[f"value_{task}"] == value]
+            for pos, item in enumerate(q["item"].tolist()[-max_len:]):
+                pseudo.append(
+                    {
+                        "user": u,
+                        "time": PSEUDO_TIME + pos,
+                        "day": PSEUDO_DAY,
+                        "w": 0,
+                        "click": 0,
+                        "dwell": 0,
+                        "item": item,
+                        f"q_{name}": True,
+                    }
+                )
+    ps = (
+        pd.DataFrame(pseudo)
+        if pseudo
+        else pd.DataFrame(columns=["user", "time", "day", "w", "click", "dwell"])
+    )
+    t = today.sort_values(["user", "time", "example_id"])
+    real = pd.DataFrame(
+        {
+            "user": t["user"],
+            "time": t["time"],
+            "day": t["day"],
+            "w": 1,
+            "click": t["value_click"],
+            "dwell": t["value_dwell"],
+            "item": t["item"],
+            "q_clicked": t["value_click"] == 1,
+            "q_any": True,
+            "real": True,
+            "ex": t["example_id"],
+        }
+    )
+    both = pd.concat([ps.assign(real=False, ex=-1), real], ignore_index=True)
+    for c in ("q_clicked", "q_any"):
+        both[c] = both.get(c, False)
+        both[c] = both[c].astype("boolean").fillna(False).astype(bool)
+    both["item"] = both["item"].fillna(0).astype(np.int64)
+    both = both.sort_values(["user", "time", "ex"], kind="stable")
+    kin = {
+        K_USER: both["user"].to_numpy(np.int64),
+        "event_time_ms": both["time"].to_numpy(np.int64),
+        K_DAY: both["day"].to_numpy(np.int64),
+        K_W: both["w"].to_numpy(np.int64),
+        K_REAL: both["real"].to_numpy(bool),
+        "item_idx": both["item"].to_numpy(np.int64),
+        s_col("click"): both["click"].to_numpy(np.int64),
+        s_col("dwell"): both["dwell"].to_numpy(np.int64),
+        q_col("clicked"): both["q_clicked"].to_numpy(bool),
+        q_col("any"): both["q_any"].to_numpy(bool),
+    }
+    got = to_frame(compute(kin, p), t.index)
+    want = full.loc[t.index]
+    for c in got.columns:
+        assert got[c].tolist() == want[c].tolist(), c
