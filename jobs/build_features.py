@@ -24,6 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p, "conf/pipeline.yaml")
     p.add_argument("--spec", help="feature spec YAML (default: the config's spec)")
     p.add_argument("--lake", help="output root (default: the config's lake)")
+    p.add_argument(
+        "--spec-set",
+        dest="spec_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec value, e.g. source.path=/data/log.csv",
+    )
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--date", help="the day to build, YYYY-MM-DD (nightly mode)")
     when.add_argument("--full", action="store_true", help="rebuild every day of the source")
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.lake:
             overrides.append(f"lake={args.lake}")
         cfg = load_config(args.conf, overrides)
-        spec = load_spec(cfg.spec)
+        spec = load_spec(cfg.spec, overrides=args.spec_overrides)
         dates: list[str | None]
         if args.full:
             dates = [None]

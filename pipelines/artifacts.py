@@ -23,6 +23,39 @@ from pipelines.spec import DenseTransform, FeatureSpec, TaskKind
 
 OOV = 0
 PERCENTILE_ACCURACY = 1_000_000  # exact below 1M distinct ranks, bounded memory above
+# Vocabularies up to this size travel with the tasks and are applied in one vectorised Arrow
+# pass (no join, no shuffle); larger ones are joined.
+IN_TASK_VOCAB_MAX = 200_000
+
+
+def _index_in_task(df: DataFrame, vocabs: dict[str, list[str]]) -> DataFrame:
+    """Replace each string column in ``vocabs`` by its 1-based index in that list (0 = OOV)."""
+    from pyspark.sql import types as T
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    out_schema = T.StructType(
+        [
+            T.StructField(f.name, T.LongType(), False) if f.name in vocabs else f
+            for f in df.schema.fields
+        ]
+    )
+    arrow_schema = to_arrow_schema(out_schema)
+
+    def index(batches):
+        import pyarrow.compute as pc
+
+        sets = {c: pa.array(v, pa.string()) for c, v in vocabs.items()}
+        for batch in batches:
+            arrays = []
+            for name in batch.schema.names:
+                col = batch.column(name)
+                if name in sets:
+                    pos = pc.index_in(col, value_set=sets[name])
+                    col = pc.fill_null(pc.add(pos.cast(pa.int64()), 1), 0)
+                arrays.append(col)
+            yield pa.RecordBatch.from_arrays(arrays, schema=arrow_schema)
+
+    return df.mapInArrow(index, out_schema)
 
 
 @dataclass
@@ -116,59 +149,88 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
         raise ValueError("the training window holds no accepted rows: check split dates and source")
     dates = sorted(r["date"] for r in train_rows.select("date").distinct().collect())
 
+    # All vocabularies in one scan: (table, value) pairs exploded, counted per table.
+    pairs = F.explode(
+        F.array(
+            *[
+                F.struct(F.lit(table).alias("tbl"), F.col(c).cast("string").alias("value"))
+                for table, cols in vocab_tables(spec).items()
+                for c in cols
+            ]
+        )
+    ).alias("p")
+    counts = (
+        train_rows.select(pairs)
+        .select("p.tbl", "p.value")
+        .where("value is not null")
+        .groupBy("tbl", "value")
+        .count()
+    )
+    limits = {t: _vocab_limits(spec, t) for t in vocab_tables(spec)}
+    keep = F.lit(False)
+    cap = F.lit(0)
+    for t, (max_vocab, min_count) in limits.items():
+        keep = keep | ((F.col("tbl") == t) & (F.col("count") >= min_count))
+        cap = F.when(F.col("tbl") == t, F.lit(max_vocab)).otherwise(cap)
+    # Most frequent first, ties by value: deterministic whatever the partitioning.
+    order = Window.partitionBy("tbl").orderBy(F.desc("count"), F.asc("value"))
+    ranked = (
+        counts.where(keep).withColumn("idx", F.row_number().over(order)).where(F.col("idx") <= cap)
+    )
+    pdf_all = ranked.toPandas()
     vocab_sizes: dict[str, int] = {}
     vocabs: dict[str, dict[str, int]] = {}
-    for table, cols in vocab_tables(spec).items():
-        max_vocab, min_count = _vocab_limits(spec, table)
-        values = None
-        for c in cols:
-            v = train_rows.select(F.col(c).cast("string").alias("value")).where("value is not null")
-            values = v if values is None else values.unionByName(v)
-        assert values is not None
-        counts = values.groupBy("value").count().where(F.col("count") >= min_count)
-        # Most frequent first, ties by value: deterministic whatever the partitioning.
-        ranked = counts.withColumn(
-            "idx", F.row_number().over(Window.orderBy(F.desc("count"), F.asc("value")))
-        ).where(F.col("idx") <= max_vocab)
-        pdf = ranked.select("value", "idx", "count").toPandas()
+    for table in limits:
+        pdf = pdf_all[pdf_all["tbl"] == table]
+        pdf = pdf[["value", "idx", "count"]].sort_values("idx").reset_index(drop=True)
         pq.write_table(
-            pa.Table.from_pandas(pdf.sort_values("idx"), preserve_index=False),
-            vocab_dir / f"{table}.parquet",
+            pa.Table.from_pandas(pdf, preserve_index=False), vocab_dir / f"{table}.parquet"
         )
         vocabs[table] = dict(zip(pdf["value"], pdf["idx"].astype(int), strict=True))
         vocab_sizes[table] = len(pdf) + 1
 
-    dense: dict[str, DenseStats] = {}
+    # Dense statistics, dwell boundaries and minima in one aggregate.
+    aggs = []
     for f in spec.dense_features:
         x = _dense_pre(F.col(f.name), f.transform, f.fill)
-        row = train_rows.select(F.avg(x).alias("m"), F.stddev_pop(x).alias("s")).first()
-        std = float(row["s"] or 0.0)
-        dense[f.name] = DenseStats(mean=float(row["m"] or 0.0), std=std if std > 1e-12 else 1.0)
-
-    bins: dict[str, list[float]] = {}
-    for t in spec.tasks:
-        if t.kind != TaskKind.DWELL:
-            continue
+        aggs += [F.avg(x).alias(f"m_{f.name}"), F.stddev_pop(x).alias(f"s_{f.name}")]
+    dwell = [t for t in spec.tasks if t.kind == TaskKind.DWELL]
+    for t in dwell:
         assert t.n_bins is not None
         qs = [i / t.n_bins for i in range(1, t.n_bins)]
-        row = train_rows.select(
-            F.percentile_approx(F.col(f"label_{t.name}"), qs, PERCENTILE_ACCURACY).alias("q")
-        ).first()
-        bounds = sorted({float(b) for b in row["q"]})
+        aggs += [
+            F.percentile_approx(F.col(f"label_{t.name}"), qs, PERCENTILE_ACCURACY).alias(
+                f"q_{t.name}"
+            ),
+            F.min(f"label_{t.name}").alias(f"min_{t.name}"),
+        ]
+    binary = [t for t in spec.tasks if t.kind == TaskKind.BINARY]
+    aggs += [F.avg(F.col(f"label_{t.name}").cast("double")).alias(f"mean_{t.name}") for t in binary]
+    row = train_rows.agg(*aggs).first()
+    dense: dict[str, DenseStats] = {}
+    for f in spec.dense_features:
+        std = float(row[f"s_{f.name}"] or 0.0)
+        dense[f.name] = DenseStats(
+            mean=float(row[f"m_{f.name}"] or 0.0), std=std if std > 1e-12 else 1.0
+        )
+    bins: dict[str, list[float]] = {}
+    for t in dwell:
         # A boundary equal to the minimum would leave bin 0 empty: drop it.
-        vmin = train_rows.select(F.min(f"label_{t.name}")).first()[0]
-        bins[t.name] = [b for b in bounds if b > vmin]
+        vmin = row[f"min_{t.name}"]
+        bins[t.name] = sorted({float(b) for b in row[f"q_{t.name}"] if b > vmin})
         if not bins[t.name]:
             raise ValueError(f"tasks.{t.name}: the training window's values are constant; no bins")
-
-    means: dict[str, float] = {}
-    for t in spec.tasks:
-        if t.kind == TaskKind.BINARY:
-            m = train_rows.select(F.avg(F.col(f"label_{t.name}").cast("double"))).first()[0]
-        else:
-            b = bin_index(F.col(f"label_{t.name}"), bins[t.name])
-            m = train_rows.select(F.avg(b / F.lit(len(bins[t.name])))).first()[0]
-        means[t.name] = float(m)
+    means: dict[str, float] = {t.name: float(row[f"mean_{t.name}"]) for t in binary}
+    if dwell:
+        bin_aggs = [
+            F.avg(
+                bin_index(F.col(f"label_{t.name}"), bins[t.name]) / F.lit(len(bins[t.name]))
+            ).alias(t.name)
+            for t in dwell
+        ]
+        brow = train_rows.agg(*bin_aggs).first()
+        means.update({t.name: float(brow[t.name]) for t in dwell})
+    means = {t.name: means[t.name] for t in spec.tasks}
     train_rows.unpersist()
 
     art = Artifacts(
@@ -210,20 +272,27 @@ def apply(spec: FeatureSpec, rows: DataFrame, art: Artifacts) -> DataFrame:
     """Map categoricals to indices (OOV = 0), transform dense features, bin dwell labels."""
     spark = rows.sparkSession
     out = rows
+    small: dict[str, list[str]] = {}  # target column -> vocabulary values in index order
     for table, cols in vocab_tables(spec).items():
-        vocab_df = spark.read.parquet(str(Path(art.vocab_dir) / f"{table}.parquet")).select(
-            "value", "idx"
-        )
-        if art.vocab_sizes[table] <= 200_000:
-            vocab_df = F.broadcast(vocab_df)
         for c in cols:
             target = {"user_id": "user_idx", "item_id": "item_idx"}.get(c, c)
-            v = vocab_df.withColumnRenamed("value", "_v").withColumnRenamed("idx", "_idx")
+            if art.vocab_sizes[table] <= IN_TASK_VOCAB_MAX and table in art.vocabs:
+                values = [v for v, _ in sorted(art.vocabs[table].items(), key=lambda kv: kv[1])]
+                small[target] = values
+                if target != c:
+                    out = out.withColumn(target, F.col(c))
+                out = out.withColumn(target, F.col(target).cast("string"))
+                continue
+            vocab_df = spark.read.parquet(str(Path(art.vocab_dir) / f"{table}.parquet")).select(
+                F.col("value").alias("_v"), F.col("idx").alias("_idx")
+            )
             out = (
-                out.join(v, F.col(c).cast("string") == F.col("_v"), "left")
+                out.join(vocab_df, F.col(c).cast("string") == F.col("_v"), "left")
                 .withColumn(target, F.coalesce(F.col("_idx"), F.lit(OOV)).cast("long"))
                 .drop("_v", "_idx")
             )
+    if small:
+        out = _index_in_task(out, small)
     for f in spec.dense_features:
         x = _dense_pre(F.col(f.name), f.transform, f.fill)
         if f.transform in (DenseTransform.STANDARDIZE, DenseTransform.LOG1P_STANDARDIZE):

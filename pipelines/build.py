@@ -160,6 +160,8 @@ def read_validated(
         raw = raw.withColumn(FILE_DATE, F.when(F.col(FILE_DATE) != "", F.col(FILE_DATE)))
     else:
         raw = read_raw(spark, src)
+    # Persisted: validation, the row accounting and the rejected table all read it.
+    raw = raw.persist(StorageLevel.MEMORY_AND_DISK)
     validated = validate(raw, src, _label_columns(spec), now_ms, cfg.future_tolerance_s)
     acc, rej = validated.accepted, validated.rejected
     if date is not None:
@@ -212,13 +214,24 @@ def wide_rows(spark: SparkSession, spec: FeatureSpec, accepted: DataFrame) -> Da
             feats = [f for f in [*group.categorical, *group.dense] if owner.get(f.column) == i]
             if not feats:
                 continue
-            side = read_side_table(spark, table).select(
+            side = _side_table(spark, table).select(
                 F.col(table.key).alias("_key"), *[F.col(f.column).alias(f.name) for f in feats]
             )
             rows = rows.join(
                 F.broadcast(side) if g == "item" else side, rows[id_col] == side["_key"], "left"
             ).drop("_key")
     return rows
+
+
+_SIDE_CACHE: dict[str, DataFrame] = {}
+
+
+def _side_table(spark: SparkSession, table) -> DataFrame:
+    """Side tables are read and checked once per build (they are small and static)."""
+    key = table.model_dump_json()
+    if key not in _SIDE_CACHE:
+        _SIDE_CACHE[key] = read_side_table(spark, table).cache()
+    return _SIDE_CACHE[key]
 
 
 def kernel_plan(spec: FeatureSpec, art: arts.Artifacts) -> KernelPlan:
@@ -418,6 +431,9 @@ def build(
     mode = "full" if date is None else f"date {date}"
     log.info("build %s for spec %s into %s", mode, spec.name, tables.root)
 
+    # A nightly run continues yesterday's state: check the chain before any heavy work.
+    old_state = _previous_state(spark, spec, tables, date, writer) if date is not None else None
+
     validated, _raw = read_validated(spark, spec, cfg, date, now_ms)
     accepted = validated.accepted.persist(StorageLevel.MEMORY_AND_DISK)
     rejected = validated.rejected.persist(StorageLevel.MEMORY_AND_DISK)
@@ -444,16 +460,15 @@ def build(
     rows = arts.apply(spec, wide_rows(spark, spec, accepted), art)
     rows = with_kernel_columns(spec, rows, art).persist(StorageLevel.MEMORY_AND_DISK)
 
-    old_state = None
     pseudo = None
     if date is not None:
-        old_state = _previous_state(spark, spec, tables, date, writer)
         if old_state is not None:
             users = rows.select(F.col(K_USER).alias("user_key")).distinct()
             pseudo = pseudo_rows(
                 spec, old_state, _window_daily(spark, spec, tables, date, writer), users
             )
 
+    log.info("prepared %d rows in %.1fs", rows.count(), time.time() - t0)
     examples = run_kernel(rows, pseudo, plan, _order_columns(spec), cfg.spark.user_partitions)
     examples = examples.withColumn("split", _split_col(spec)).select(*example_columns(spec, plan))
 
@@ -542,6 +557,7 @@ def build(
         _retain_states(tables, date, cfg.state_retention_days)
         _warn_later_dates(tables, date)
 
+    log.info("tables written at %.1fs", time.time() - t0)
     n_actions = validated.actions.count() if validated.actions is not None else 0
     rows_in = _rows_in(spec, _raw, date)
     if rows_in is not None and rows_in != n_acc + n_actions + n_rej:

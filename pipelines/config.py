@@ -43,17 +43,29 @@ class PipelineConfig(_Strict):
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a dotted key; integer parts index lists (user.tables.0.path)."""
     keys = dotted.split(".")
-    cur = data
-    for k in keys[:-1]:
-        nxt = cur.get(k)
-        if nxt is None:
-            nxt = {}
-            cur[k] = nxt
-        if not isinstance(nxt, dict):
-            raise SpecError(f"override {dotted}: {k!r} is not a mapping")
-        cur = nxt
-    cur[keys[-1]] = value
+    cur: Any = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(cur, list):
+            if not k.isdigit() or int(k) >= len(cur):
+                raise SpecError(
+                    f"override {dotted}: {k!r} is not an index of a {len(cur)}-item list"
+                )
+            if last:
+                cur[int(k)] = value
+            else:
+                cur = cur[int(k)]
+            continue
+        if not isinstance(cur, dict):
+            raise SpecError(f"override {dotted}: {keys[i - 1]!r} is not a mapping or list")
+        if last:
+            cur[k] = value
+        else:
+            if cur.get(k) is None:
+                cur[k] = {}
+            cur = cur[k]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -37,6 +37,9 @@ CORRUPT = "_corrupt_record"
 FILE = "_source_file"
 FILE_DATE = "_file_date"
 MIN_VALID_TIME_MS = 946_684_800_000  # 2000-01-01: anything older is a broken clock
+# Times are turned into calendar days only within +-9999-12-31: Spark's timestamp arithmetic
+# fails (not nulls) on a long far outside that, which would abort the build for one bad row.
+MAX_DAY_TIME_MS = 253_402_300_799_999
 
 
 DERIVED = {"date", "event_time_ms", "example_id"}
@@ -137,6 +140,12 @@ def read_raw(spark: SparkSession, table: TableSource, path: str | None = None) -
         # Spark needs the corrupt column to be used before caching; keep it as a normal column.
         cols = [F.col(c) for c in table.columns] + [F.col(CORRUPT)]
     elif table.format == SourceFormat.PARQUET:
+        # Spark takes the schema of one file: check every local file's own footer, so that a
+        # file lacking (or adding) a column is an error naming it, not a day of null values.
+        import pyarrow.parquet as pq
+
+        for f in (g for e in files for g in (_local_files(e) if os.path.isdir(e) else [e])):
+            _check_columns(pq.read_schema(f).names, table, f)
         df = spark.read.parquet(*(files or [path]))
         _check_columns(df.columns, table, files[0] if files else path)
         cols = [F.col(c).cast("string").alias(c) for c in table.columns] + [
@@ -162,7 +171,7 @@ def read_side_table(spark: SparkSession, table: TableSource) -> DataFrame:
     if row is not None:
         raise SourceError(f"{row[FILE]}: malformed line {row[CORRUPT]!r}")
     checks = [
-        F.when(F.col(c).isNotNull() & F.col(c).cast(SPARK_TYPE[t]).isNull(), F.lit(c))
+        F.when(F.col(c).isNotNull() & F.col(c).try_cast(SPARK_TYPE[t]).isNull(), F.lit(c))
         for c, t in table.columns.items()
         if t != "string"
     ]
@@ -177,7 +186,9 @@ def read_side_table(spark: SparkSession, table: TableSource) -> DataFrame:
                 f"{table.columns[row['_bad']]} (row {dict((k, row[k]) for k in table.columns)})"
             )
     key = getattr(table, "key", None)
-    typed = raw.select(*[F.col(c).cast(SPARK_TYPE[t]).alias(c) for c, t in table.columns.items()])
+    typed = raw.select(
+        *[F.col(c).try_cast(SPARK_TYPE[t]).alias(c) for c, t in table.columns.items()]
+    )
     if key:
         dup = typed.groupBy(key).count().where("count > 1").first()
         if dup is not None:
@@ -217,8 +228,10 @@ def validate(
     the kind of task reading it (binary columns must be 0/1, dwell columns non-negative)."""
     cols = list(source.columns)
     unit = 1000 if source.time_unit.value == "s" else 1
-    casts = {c: F.col(c).cast(SPARK_TYPE[t]) for c, t in source.columns.items()}
-    time_ms = (casts[source.time_column] * F.lit(unit)).cast("long")
+    # try_*: under ANSI SQL (the Spark 4 default) a plain cast or product raises on one bad
+    # value and fails the whole build; a null here becomes the row's reject reason instead.
+    casts = {c: F.col(c).try_cast(SPARK_TYPE[t]) for c, t in source.columns.items()}
+    time_ms = F.try_multiply(casts[source.time_column], F.lit(unit)).try_cast("long")
     required = [source.user_id, source.item_id, source.time_column]
     if source.events is not None:
         required += [source.events.type_column, source.events.impression_id_column]
@@ -237,12 +250,14 @@ def validate(
             checks.append((~casts[c].isin(0, 1), f"bad_label:{c}"))
         else:
             checks.append((casts[c] < 0, f"negative_value:{c}"))
-    checks.append((time_ms < F.lit(MIN_VALID_TIME_MS), "bad_time"))
+    # a null time_ms here (its column parsed) is an overflow of the unit conversion
+    checks.append((time_ms.isNull() | (time_ms < F.lit(MIN_VALID_TIME_MS)), "bad_time"))
     checks.append((time_ms > F.lit(now_ms + future_tolerance_s * 1000), "future_time"))
-    day = day_string(time_ms, source.timezone)
+    in_range = time_ms.between(-MAX_DAY_TIME_MS, MAX_DAY_TIME_MS)
+    day = day_string(F.when(in_range, time_ms), source.timezone)
     if source.date_column:
         fmt = source.date_column_format
-        declared_day = F.date_format(F.to_date(F.col(source.date_column), fmt), "yyyy-MM-dd")
+        declared_day = F.date_format(F.try_to_date(F.col(source.date_column), fmt), "yyyy-MM-dd")
         checks.append((declared_day.isNull() | (declared_day != day), "date_mismatch"))
     if source.events is not None:
         known = [source.events.impression_type, *source.events.actions.values()]

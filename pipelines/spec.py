@@ -384,9 +384,12 @@ def parse_spec(data: dict[str, Any], origin: str = "<dict>") -> FeatureSpec:
         raise SpecError(_format_validation_error(err, origin)) from None
 
 
-def load_spec(path: str | Path, base_dir: str | Path | None = None) -> FeatureSpec:
+def load_spec(
+    path: str | Path, base_dir: str | Path | None = None, overrides: list[str] | None = None
+) -> FeatureSpec:
     """Load and validate a spec. Relative source paths resolve against ``base_dir``
-    (default: the current directory), so specs can point at ``../shared/data``."""
+    (default: the current directory), so specs can point at ``../shared/data``.
+    ``overrides`` are ``key.path=value`` strings applied before validation."""
     path = Path(path)
     if not path.exists():
         raise SpecError(f"feature spec not found: {path}")
@@ -394,6 +397,10 @@ def load_spec(path: str | Path, base_dir: str | Path | None = None) -> FeatureSp
         data = yaml.safe_load(fh)
     if not isinstance(data, dict):
         raise SpecError(f"invalid feature spec {path}: top level must be a mapping")
+    if overrides:
+        from pipelines.config import apply_overrides
+
+        data = apply_overrides(data, overrides)
     spec = parse_spec(data, str(path))
     return resolve_paths(spec, Path(base_dir) if base_dir else Path.cwd())
 
