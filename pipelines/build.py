@@ -165,7 +165,14 @@ def read_validated(
     validated = validate(raw, src, _label_columns(spec), now_ms, cfg.future_tolerance_s)
     acc, rej = validated.accepted, validated.rejected
     if date is not None:
-        lo, hi = run_window(date, src.timezone, window_s)
+        # the day itself, yesterday (impressions that today's actions may belong to) and the
+        # attribution window after midnight (actions of today's impressions)
+        lo = (
+            run_window(_shift(date, -1), src.timezone, 0)[0]
+            if src.events
+            else run_window(date, src.timezone, 0)[0]
+        )
+        hi = run_window(date, src.timezone, window_s)[1]
         acc = acc.where((F.col("event_time_ms") >= lo) & (F.col("event_time_ms") < hi))
         if src.events is None:
             acc = acc.where(F.col("date") == date)

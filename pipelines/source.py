@@ -317,7 +317,9 @@ def sessionize(
 
     An action belongs to the impression named by its impression id when it comes within
     ``attribution_window_s`` after it (same user and item). Actions that match no impression,
-    come too late, or come before their impression are rejected. ``count_dates``: only actions
+    come too late, or come before their impression are rejected. An action is matched only with
+    impressions of its own calendar day or the day before (the days a nightly run can see), so
+    an action whose impression is older counts as an orphan in every mode. ``count_dates``: only actions
     and impressions dated on these days are accounted here (a nightly run reads the neighbour
     days for attribution only); None = all.
     """
@@ -341,12 +343,16 @@ def sessionize(
         F.col(uid).alias("_iu"),
         F.col(iid).alias("_ii"),
         F.col("event_time_ms").alias("_it"),
+        F.col("date").alias("_idate"),
     )
     joined = actions.join(imp_keys, actions[imp_id] == imp_keys["_iid"], "left")
     delay = F.col("event_time_ms") - F.col("_it")
+    # An action is matched against impressions of its own day and the day before, in the full
+    # build as in a nightly run (which reads yesterday for attribution): same verdict either way.
+    too_old = F.datediff(F.to_date(F.col("date")), F.to_date(F.col("_idate"))) > 1
     reason = _first_reason(
         [
-            (F.col("_iid").isNull(), "orphan_action"),
+            (F.col("_iid").isNull() | too_old, "orphan_action"),
             ((F.col(uid) != F.col("_iu")) | (F.col(iid) != F.col("_ii")), "orphan_action"),
             (delay < 0, "action_before_impression"),
             (delay > window_ms, "late_action"),

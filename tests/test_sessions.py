@@ -1,0 +1,236 @@
+"""Sessionization of an event stream, checked against an independent pandas computation.
+
+A small synthetic log (plus a few hand-made bad actions) goes through one full build with
+`feature_specs/synthetic.yaml`; every impression must become one example whose labels are the
+actions that arrived with its impression id within the attribution window, and every action
+outside it must be in `rejected` with its reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+
+from pipelines.build import Tables, build
+from pipelines.config import PipelineConfig
+from pipelines.spec import load_spec
+from pipelines.synthetic import EVENTS_SCHEMA, BehaviourModel, SyntheticConfig, generate
+
+REPO = Path(__file__).resolve().parents[1]
+START = dt.date(2022, 4, 25)
+DAYS = [(START + dt.timedelta(days=i)).isoformat() for i in range(4)]
+WINDOW_MS = 1800 * 1000
+NOW_MS = int(dt.datetime(2022, 6, 1, tzinfo=dt.UTC).timestamp() * 1000)
+# more late actions and purchases than the default model, so that both are well represented
+MODEL = BehaviourModel(late_action_prob=0.1, purchase_given_click=(0.2, 0.2, 0.3, 0.3))
+CONFIG = SyntheticConfig(
+    users=300,
+    items=200,
+    days=4,
+    impressions_per_user_day=6.0,
+    start_date=START,
+    seed=3,
+    model=MODEL,
+)
+
+
+def _inject(out: Path) -> pd.DataFrame:
+    """Actions that must be rejected, written as an extra file into the second day's folder."""
+    day = out / "events" / f"date={DAYS[1]}"
+    ev = pq.read_table(next(day.glob("part-*.parquet"))).to_pandas()
+    imp = ev[ev["event_type"] == "impression"].sort_values("event_id").iloc[5]
+    other = ev[(ev["event_type"] == "impression") & (ev["user_id"] != imp["user_id"])].iloc[0]
+    t = int(imp["event_time_ms"])
+    day_start = int(dt.datetime.fromisoformat(DAYS[1]).replace(tzinfo=dt.UTC).timestamp() * 1000)
+    base = {"user_id": int(imp["user_id"]), "item_id": int(imp["item_id"]), "dwell_s": None}
+    rows = [
+        # an impression id that exists nowhere
+        {**base, "event_id": 9_000_001, "impression_id": 9_000_000, "event_type": "click",
+         "event_time_ms": t + 5_000},
+        # an existing impression id, but another user's impression
+        {**base, "event_id": 9_000_002, "impression_id": int(other["impression_id"]),
+         "event_type": "click", "event_time_ms": int(other["event_time_ms"]) + 5_000},
+        # a stay logged before its impression was shown
+        {**base, "event_id": 9_000_003, "impression_id": int(imp["impression_id"]),
+         "event_type": "stay", "event_time_ms": max(day_start, t - 60_000), "dwell_s": 7.0},
+    ]  # fmt: skip
+    extra = pd.DataFrame(rows)
+    pq.write_table(
+        pa.Table.from_pandas(extra, schema=EVENTS_SCHEMA, preserve_index=False),
+        day / "part-99999.parquet",
+    )
+    return extra
+
+
+def expected(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per impression with its labels, one row per action with its reason or None)."""
+    imps = events[events["event_type"] == "impression"]
+    assert imps["impression_id"].is_unique
+    acts = events[events["event_type"] != "impression"].merge(
+        imps[["impression_id", "user_id", "item_id", "event_time_ms"]],
+        on="impression_id",
+        how="left",
+        suffixes=("", "_imp"),
+    )
+    delay = acts["event_time_ms"] - acts["event_time_ms_imp"]
+    orphan = (
+        acts["event_time_ms_imp"].isna()
+        | (acts["user_id"] != acts["user_id_imp"])
+        | (acts["item_id"] != acts["item_id_imp"])
+    )
+    acts["reason"] = np.select(
+        [orphan, delay < 0, delay > WINDOW_MS],
+        ["orphan_action", "action_before_impression", "late_action"],
+        None,
+    )
+    ok = acts[acts["reason"].isna()]
+    typ = ok["event_type"]
+    labels = (
+        pd.DataFrame(
+            {
+                "impression_id": ok["impression_id"],
+                "label_click": (typ == "click").astype(int),
+                "label_purchase": (typ == "purchase").astype(int),
+                "label_dwell": ok["dwell_s"].where(typ == "stay", 0.0).fillna(0.0),
+            }
+        )
+        .groupby("impression_id")
+        .agg({"label_click": "max", "label_purchase": "max", "label_dwell": "sum"})
+    )
+    sessions = imps.merge(labels, on="impression_id", how="left")
+    sessions[["label_click", "label_purchase"]] = (
+        sessions[["label_click", "label_purchase"]].fillna(0).astype(int)
+    )
+    sessions["label_dwell"] = sessions["label_dwell"].fillna(0.0)
+    return sessions, acts
+
+
+@pytest.fixture(scope="module")
+def synth(spark, tmp_path_factory):
+    """The generated log (+ injected bad actions), its pandas truth and one full build."""
+    tmp = tmp_path_factory.mktemp("sessions")
+    out = tmp / "synthetic"
+    manifest = generate(CONFIG, out)
+    extra = _inject(out)
+    events = pd.concat(
+        [pd.read_parquet(f) for f in sorted((out / "events").glob("date=*/part-*.parquet"))],
+        ignore_index=True,
+    )
+    assert len(events) == manifest["counts"]["events"]["total"] + len(extra)
+    spec = load_spec(
+        REPO / "feature_specs" / "synthetic.yaml",
+        overrides=[
+            f"source.path={out}/events/date={{date}}",
+            f"user.tables.0.path={out}/users.parquet",
+            f"item.tables.0.path={out}/items.parquet",
+            f"split.train_end={DAYS[1]}",
+            f"split.valid_end={DAYS[2]}",
+        ],
+    )
+    cfg = PipelineConfig(lake=str(tmp / "lake"), spark={"user_partitions": 2})
+    summary = build(spark, spec, cfg, now_ms=NOW_MS)
+    return events, spec, cfg, summary
+
+
+def _rejected(path: str) -> pd.DataFrame:
+    rej = DeltaTable(path).to_pandas()
+    rej["event_id"] = rej["raw"].map(lambda r: int(json.loads(r)["event_id"]))
+    return rej.set_index("event_id").sort_index()
+
+
+@pytest.mark.slow
+def test_sessions_match_pandas(synth):
+    events, spec, cfg, summary = synth
+    sessions, acts = expected(events)
+    reasons = acts["reason"].value_counts().to_dict()
+    # the data exercise every path
+    assert reasons["late_action"] > 10 and reasons["orphan_action"] == 2
+    assert reasons["action_before_impression"] == 1
+    assert sessions["label_purchase"].sum() > 10
+    tables = Tables.for_spec(cfg.lake, spec)
+
+    # accounting: every raw event is a session, an attributed action, or rejected
+    n_ok = int(acts["reason"].isna().sum())
+    assert summary["rows_in"] == len(events)
+    assert summary["rows_in_counted_independently"]
+    assert summary["sessions"] == summary["examples"] == len(sessions)
+    assert summary["actions_attributed"] == n_ok
+    assert summary["rows_accepted"] == len(sessions) + n_ok
+    assert summary["rows_in"] == summary["rows_accepted"] + summary["rows_rejected"]
+    assert summary["rejected_by_reason"] == reasons
+
+    # rejected: exactly the actions pandas rejects, each with the same reason and its day
+    rej = _rejected(tables.rejected)
+    bad = acts[acts["reason"].notna()]
+    want = bad.set_index("event_id")["reason"].sort_index()
+    pd.testing.assert_series_equal(rej["reason"], want, check_dtype=False)
+    rej_day = rej["date"]
+    want_day = pd.to_datetime(bad.set_index("event_id")["event_time_ms"], unit="ms").dt.strftime(
+        "%Y-%m-%d"
+    )
+    pd.testing.assert_series_equal(rej_day, want_day.sort_index(), check_names=False)
+
+    # examples: one per impression, labels from the actions inside the window
+    ex = DeltaTable(tables.examples).to_pandas()
+    key = ["user_id", "item_id", "event_time_ms"]
+    assert not sessions.duplicated(key).any(), "the test needs a unique impression key"
+    m = ex.merge(sessions, on=key, how="outer", suffixes=("", "_want"), indicator=True)
+    assert (m["_merge"] == "both").all(), m[m["_merge"] != "both"][key]
+    assert len(m) == len(ex) == len(sessions)
+    assert (m["label_click"] == m["label_click_want"]).all()
+    assert (m["label_purchase"] == m["label_purchase_want"]).all()
+    np.testing.assert_allclose(m["label_dwell"], m["label_dwell_want"], rtol=1e-12, atol=1e-9)
+    day = pd.to_datetime(m["event_time_ms"], unit="ms").dt.strftime("%Y-%m-%d")
+    assert (m["date"] == day).all()
+    split = m["date"].map({DAYS[0]: "train", DAYS[1]: "train", DAYS[2]: "valid", DAYS[3]: "test"})
+    assert (m["split"] == split).all()
+    # clicks inside the window exist but late ones were not counted
+    assert 0 < m["label_click"].sum() < (events["event_type"] == "click").sum()
+
+
+@pytest.mark.slow
+def test_nightly_rejects_like_full_build(spark, synth, tmp_path):
+    """The nightly run of one day files the same rows under the same reasons as the full build
+    (late actions crossing midnight included)."""
+    events, spec, cfg0, _summary = synth
+    shutil.copytree(cfg0.lake, tmp_path / "lake")  # reuse the fitted preprocessing
+    cfg = PipelineConfig(lake=str(tmp_path / "lake"), spark={"user_partitions": 2})
+    tables = Tables.for_spec(cfg.lake, spec)
+    day = DAYS[1]
+    full = _rejected(tables.rejected)
+    full = full[full["date"] == day]
+    summary = build(spark, spec, cfg, date=day, now_ms=NOW_MS)
+
+    sessions, _acts = expected(events)
+    n_day = int((_days(events["event_time_ms"]) == day).sum())
+    if summary["rows_in"] != n_day or n_day != summary["rows_accepted"] + summary["rows_rejected"]:
+        pytest.fail(f"nightly accounting broken: {n_day} rows of {day}, summary {summary}")
+    ex = DeltaTable(tables.examples).to_pandas()
+    ex = ex[ex["date"] == day]
+    want = sessions[_days(sessions["event_time_ms"]) == day]
+    key = ["user_id", "item_id", "event_time_ms"]
+    m = ex.merge(want, on=key, suffixes=("", "_want"))
+    if not len(m) == len(ex) == len(want) or not (
+        (m["label_click"] == m["label_click_want"]).all()
+        and (m["label_purchase"] == m["label_purchase_want"]).all()
+        and np.allclose(m["label_dwell"], m["label_dwell_want"], rtol=1e-12, atol=1e-9)
+    ):
+        pytest.fail(f"nightly sessions of {day} differ from the pandas truth")
+
+    nightly = _rejected(tables.rejected)
+    nightly = nightly[nightly["date"] == day]
+    diff = nightly["reason"].compare(full["reason"], result_names=("nightly", "full"))
+    assert diff.empty, diff.value_counts()
+
+
+def _days(time_ms: pd.Series) -> pd.Series:
+    return pd.to_datetime(time_ms, unit="ms").dt.strftime("%Y-%m-%d")
