@@ -510,7 +510,12 @@ def build(
             writer=writer,
             commit_info=info,
         )
-        state = update_state(spec, None, rows).withColumn("state_date", F.lit(last))
+        state = None
+        for d in dates[-cfg.full_state_snapshots :]:
+            upto = rows.where(F.col("date") <= d) if d != last else rows
+            snap = update_state(spec, None, upto).withColumn("state_date", F.lit(d))
+            state = snap if state is None else state.unionByName(snap)
+        _write_chain_start(tables, dates[0])
         delta_io.write_delta(
             state,
             tables.user_state,
@@ -592,22 +597,37 @@ def build(
     return summary
 
 
+def _chain_file(tables: Tables) -> Path:
+    return tables.root / "chain.json"
+
+
+def _write_chain_start(tables: Tables, first_date: str) -> None:
+    _chain_file(tables).write_text(json.dumps({"first_date": first_date}))
+
+
 def _previous_state(
     spark: SparkSession, spec: FeatureSpec, tables: Tables, date: str, writer: str
 ) -> DataFrame | None:
-    if not delta_io.table_exists(tables.user_state):
-        log.warning("no user state table yet: %s starts from empty history", date)
+    """Yesterday's user state; None only where the chain starts (no history before it)."""
+    chain = _chain_file(tables)
+    first = json.loads(chain.read_text())["first_date"] if chain.exists() else None
+    if first is None or date <= first:
+        if first is None or date < first:
+            _write_chain_start(tables, date)
+        log.info("%s starts the nightly chain: no history before it", date)
         return None
     prev = _shift(date, -1)
-    have = delta_io.partition_values(tables.user_state, "state_date")
+    have = (
+        delta_io.partition_values(tables.user_state, "state_date")
+        if delta_io.table_exists(tables.user_state)
+        else []
+    )
     if prev not in have:
         earlier = [d for d in have if d < date]
-        if not earlier:
-            log.warning("user state holds no date before %s: starting from empty history", date)
-            return None
+        latest = earlier[-1] if earlier else "none"
         raise BuildError(
-            f"user_state has no snapshot for {prev} (latest before {date}: {earlier[-1]}): run the "
-            "missing dates in order, or rebuild with --full"
+            f"user_state has no snapshot for {prev} (latest before {date}: {latest}; the chain "
+            f"starts {first}): run the missing dates in order, or rebuild with --full"
         )
     return delta_io.read_delta(
         spark, tables.user_state, partitions={"state_date": [prev]}, writer=writer

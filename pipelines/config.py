@@ -36,6 +36,9 @@ class PipelineConfig(_Strict):
     delta: DeltaConfig = Field(default_factory=DeltaConfig)
     # Snapshots of the user state kept after a nightly run (re-running the last N dates works).
     state_retention_days: int = Field(7, ge=2)
+    # A full rebuild writes the user state as of its last N dates, so that the last dates can be
+    # re-run nightly afterwards (each snapshot aggregates the whole history up to its date).
+    full_state_snapshots: int = Field(2, ge=1)
     # Rows more than this many seconds after the run's wall clock are rejected as future_time.
     future_tolerance_s: int = Field(3600, ge=0)
     # An empty day is an error (usually an upstream failure) unless allowed.
