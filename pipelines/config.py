@@ -63,6 +63,11 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
             continue
         if not isinstance(cur, dict):
             raise SpecError(f"override {dotted}: {keys[i - 1]!r} is not a mapping or list")
+        rest = ".".join(keys[i:])
+        if rest in cur or (i > 0 and keys[i - 1] == "conf"):
+            # keys that contain dots (Spark settings under `conf`) take the rest of the path
+            cur[rest] = value if not isinstance(value, (int, float, bool)) else str(value)
+            return
         if last:
             cur[k] = value
         else:

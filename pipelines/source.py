@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -277,7 +278,10 @@ def validate(
                 F.col("_reason").isNull() & (F.row_number().over(w) > 1), F.lit("exact_duplicate")
             ).otherwise(F.col("_reason")),
         )
-    staged = staged.withColumn("_day", F.when(time_ms.isNotNull(), day))
+    # persisted: the accepted and the rejected rows are both read from it
+    staged = staged.withColumn("_day", F.when(time_ms.isNotNull(), day)).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
     raw_json = F.to_json(F.struct(*[F.col(c) for c in cols], F.col(CORRUPT)))
     rejected = staged.where(F.col("_reason").isNotNull()).select(
         # per-date sources account a row to the day of its file, others to the row's own day
@@ -319,90 +323,93 @@ def sessionize(
     ``attribution_window_s`` after it (same user and item). Actions that match no impression,
     come too late, or come before their impression are rejected. An action is matched only with
     impressions of its own calendar day or the day before (the days a nightly run can see), so
-    an action whose impression is older counts as an orphan in every mode. ``count_dates``: only actions
-    and impressions dated on these days are accounted here (a nightly run reads the neighbour
-    days for attribution only); None = all.
+    an action whose impression is older counts as an orphan in every mode. ``count_dates``: only
+    actions and impressions dated on these days are accounted here (a nightly run reads the
+    neighbour days for attribution only); None = all.
+
+    One shuffle: a window partitioned by impression id finds each id's impression, and the
+    per-impression aggregation reuses that partitioning.
     """
     ev = source.events
     assert ev is not None
     acc = validated.accepted
     typ, imp_id = F.col(sc(ev.type_column)), sc(ev.impression_id_column)
     uid, iid = sc(source.user_id), sc(source.item_id)
-    impressions = acc.where(typ == ev.impression_type)
-    # Several impression events with one id: the earliest is the impression, later ones are
-    # rejected as duplicates of the id (ties broken by example_id).
-    w_imp = Window.partitionBy(imp_id).orderBy("event_time_ms", "example_id")
-    impressions = impressions.withColumn("_rank", F.row_number().over(w_imp))
-    dup_imps = impressions.where("_rank > 1")
-    impressions = impressions.where("_rank = 1").drop("_rank")
-
-    actions = acc.where(typ != ev.impression_type)
+    is_imp = typ == ev.impression_type
+    cols = acc.columns
+    # The earliest impression event of each id is the impression (ties by example_id).
+    first_imp = F.min(
+        F.when(
+            is_imp,
+            F.struct(
+                "event_time_ms", "example_id", F.col(uid).alias("u"), F.col(iid).alias("i"), "date"
+            ),
+        )
+    ).over(Window.partitionBy(imp_id))
+    staged = acc.withColumn("_imp", first_imp)
+    delay = F.col("event_time_ms") - F.col("_imp.event_time_ms")
+    too_old = F.datediff(F.to_date(F.col("date")), F.to_date(F.col("_imp.date"))) > 1
     window_ms = ev.attribution_window_s * 1000
-    imp_keys = impressions.select(
-        F.col(imp_id).alias("_iid"),
-        F.col(uid).alias("_iu"),
-        F.col(iid).alias("_ii"),
-        F.col("event_time_ms").alias("_it"),
-        F.col("date").alias("_idate"),
+    reason = F.when(
+        is_imp, F.when(F.col("example_id") != F.col("_imp.example_id"), "duplicate_impression_id")
+    ).otherwise(
+        _first_reason(
+            [
+                (F.col("_imp").isNull() | too_old, "orphan_action"),
+                (
+                    (F.col(uid) != F.col("_imp.u")) | (F.col(iid) != F.col("_imp.i")),
+                    "orphan_action",
+                ),
+                (delay < 0, "action_before_impression"),
+                (delay > window_ms, "late_action"),
+            ]
+        )
     )
-    joined = actions.join(imp_keys, actions[imp_id] == imp_keys["_iid"], "left")
-    delay = F.col("event_time_ms") - F.col("_it")
-    # An action is matched against impressions of its own day and the day before, in the full
-    # build as in a nightly run (which reads yesterday for attribution): same verdict either way.
-    too_old = F.datediff(F.to_date(F.col("date")), F.to_date(F.col("_idate"))) > 1
-    reason = _first_reason(
-        [
-            (F.col("_iid").isNull() | too_old, "orphan_action"),
-            ((F.col(uid) != F.col("_iu")) | (F.col(iid) != F.col("_ii")), "orphan_action"),
-            (delay < 0, "action_before_impression"),
-            (delay > window_ms, "late_action"),
-        ]
-    )
-    joined = joined.withColumn("_reason", reason)
-    good_actions = joined.where(F.col("_reason").isNull())
-    bad_actions = joined.where(F.col("_reason").isNotNull())
-
-    agg = [
-        F.max(F.when(typ == v, F.lit(1)).otherwise(F.lit(0))).alias(action_column(name))
+    # persisted: sessions, rejected rows and accepted actions all come from it
+    staged = staged.withColumn("_reason", reason).persist(StorageLevel.MEMORY_AND_DISK)
+    good = F.col("_reason").isNull()
+    good_action = good & ~is_imp
+    agg = [F.first(F.when(is_imp & good, F.struct(*cols)), ignorenulls=True).alias("_s")]
+    agg += [
+        F.max(F.when(good_action & (typ == v), F.lit(1)).otherwise(F.lit(0))).alias(
+            action_column(name)
+        )
         for name, v in ev.actions.items()
     ]
     agg += [
-        F.sum(F.when(typ == ev.actions[name], F.col(sc(col)))).alias(value_column(name))
+        F.coalesce(
+            F.sum(F.when(good_action & (typ == ev.actions[name]), F.col(sc(col)).cast("double"))),
+            F.lit(0.0),
+        ).alias(value_column(name))
         for name, col in ev.action_values.items()
     ]
-    per_imp = good_actions.groupBy(F.col(imp_id).alias("_aid")).agg(*agg)
-    sessions = impressions.join(per_imp, impressions[imp_id] == per_imp["_aid"], "left").drop(
-        "_aid"
-    )
-    for name in ev.actions:
-        c = action_column(name)
-        sessions = sessions.withColumn(c, F.coalesce(F.col(c), F.lit(0)))
-    for name in ev.action_values:
-        c = value_column(name)
-        sessions = sessions.withColumn(c, F.coalesce(F.col(c).cast("double"), F.lit(0.0)))
-    # The impression id is the tie-break identity of a session.
-    sessions = sessions.withColumn("example_id", F.xxhash64(F.col(imp_id)))
-
-    raw_json = F.to_json(F.struct(*[F.col(sc(c)).cast("string").alias(c) for c in source.columns]))
-
-    def rej(df: DataFrame, reason: Column) -> DataFrame:
-        return df.select(
-            F.col("date"),
-            reason.alias("reason"),
-            F.col(FILE).alias("source_file"),
-            raw_json.alias("raw"),
+    sessions = (
+        staged.groupBy(imp_id)
+        .agg(*agg)
+        .where(F.col("_s").isNotNull())
+        .select(
+            *[F.col(f"_s.{c}").alias(c) for c in cols],
+            *[action_column(n) for n in ev.actions],
+            *[value_column(n) for n in ev.action_values],
         )
-
-    rejected = validated.rejected.unionByName(
-        rej(dup_imps, F.lit("duplicate_impression_id"))
-    ).unionByName(rej(bad_actions, F.col("_reason")))
-    good = good_actions.select("date")
+        # The impression id is the tie-break identity of a session.
+        .withColumn("example_id", F.xxhash64(F.col(imp_id)))
+    )
+    raw_json = F.to_json(F.struct(*[F.col(sc(c)).cast("string").alias(c) for c in source.columns]))
+    bad = staged.where(~good).select(
+        F.col("date"),
+        F.col("_reason").alias("reason"),
+        F.col(FILE).alias("source_file"),
+        raw_json.alias("raw"),
+    )
+    rejected = validated.rejected.unionByName(bad)
+    actions = staged.where(good_action).select("date")
     if count_dates is not None:
         dates = sorted(count_dates)
         sessions = sessions.where(F.col("date").isin(dates))
         rejected = rejected.where(F.col("date").isin(*dates, "unparsed"))
-        good = good.where(F.col("date").isin(dates))
-    return ValidatedSource(accepted=sessions, rejected=rejected, actions=good)
+        actions = actions.where(F.col("date").isin(dates))
+    return ValidatedSource(accepted=sessions, rejected=rejected, actions=actions)
 
 
 def run_window(date: str, tz: str, pad_s: int) -> tuple[int, int]:

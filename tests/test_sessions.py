@@ -136,7 +136,10 @@ def synth(spark, tmp_path_factory):
             f"split.valid_end={DAYS[2]}",
         ],
     )
-    cfg = PipelineConfig(lake=str(tmp / "lake"), spark={"user_partitions": 2})
+    # keep the user state of every day, so that any single day can be re-run nightly
+    cfg = PipelineConfig(
+        lake=str(tmp / "lake"), spark={"user_partitions": 2}, full_state_snapshots=len(DAYS)
+    )
     summary = build(spark, spec, cfg, now_ms=NOW_MS)
     return events, spec, cfg, summary
 

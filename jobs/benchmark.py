@@ -1,0 +1,298 @@
+"""Benchmarks that print figures (never asserted in tests).
+
+    python -m jobs.benchmark pipeline --events 1e6,1e7          # full build on generated logs
+    python -m jobs.benchmark pipeline --incremental 2,10,30     # nightly cost vs history length
+    python -m jobs.benchmark pipeline --kuairand                # the real data, full + one night
+
+Each figure is measured end to end in a fresh process (Spark start included), as a scheduler
+would run it. Results go to stdout as a markdown table and to <out>/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (the JVM and Python workers)."""
+    total = 0
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+        except (OSError, IndexError, ValueError):
+            continue
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/statm") as fh:
+                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+        stack.extend(children.get(p, []))
+    return total / 2**20
+
+
+def timed(cmd: list[str], log: Path) -> dict:
+    """Run a command, return wall seconds and the peak RSS of its process tree."""
+    t0 = time.time()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        peak = 0.0
+        stop = threading.Event()
+
+        def poll() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, _tree_rss_mb(proc.pid))
+                stop.wait(1.0)
+
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        rc = proc.wait()
+        stop.set()
+        th.join()
+    if rc != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); log {log}:\n{tail}")
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_mb": round(peak)}
+
+
+def _py() -> str:
+    return sys.executable
+
+
+def generate(out: Path, events: float, days: int, seed: int = 7) -> dict:
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        if m.get("bench_key") == [events, days, seed]:
+            return m
+        shutil.rmtree(out)
+    cmd = [
+        _py(),
+        "-m",
+        "jobs.generate_logs",
+        "--out",
+        str(out),
+        "--events",
+        str(events),
+        "--days",
+        str(days),
+        "--items",
+        "200000",
+        "--seed",
+        str(seed),
+        "--quiet",
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True)
+    m = json.loads(manifest.read_text())
+    m["bench_key"] = [events, days, seed]
+    manifest.write_text(json.dumps(m))
+    return m
+
+
+def _total_events(manifest: dict) -> int:
+    return int(manifest["counts"]["events"]["total"])
+
+
+def spec_args(data: Path, start: dt.date, days: int) -> list[str]:
+    train_end = start + dt.timedelta(days=max(days - 3, 0))
+    valid_end = start + dt.timedelta(days=max(days - 2, 0))
+    return [
+        "--spec",
+        "feature_specs/synthetic.yaml",
+        "--spec-set",
+        f"source.path={data}/events/date={{date}}",
+        "--spec-set",
+        f"user.tables.0.path={data}/users.parquet",
+        "--spec-set",
+        f"item.tables.0.path={data}/items.parquet",
+        "--spec-set",
+        f"split.train_end={train_end}",
+        "--spec-set",
+        f"split.valid_end={valid_end}",
+    ]
+
+
+def build_cmd(lake: Path, extra: list[str], partitions: int) -> list[str]:
+    return [
+        _py(),
+        "-m",
+        "jobs.build_features",
+        "--set",
+        f"lake={lake}",
+        "--set",
+        f"spark.user_partitions={partitions}",
+        "--set",
+        f"spark.conf.spark.sql.shuffle.partitions={partitions}",
+        *extra,
+    ]
+
+
+def bench_full(work: Path, events_list: list[float], days: int) -> list[dict]:
+    rows = []
+    cores = os.cpu_count() or 1
+    for events in events_list:
+        data = work / f"synthetic_{events:g}"
+        m = generate(data, events, days)
+        n = _total_events(m)
+        lake = work / f"lake_full_{events:g}"
+        shutil.rmtree(lake, ignore_errors=True)
+        parts = max(4, int(n // 500_000))
+        start = dt.date.fromisoformat(m["params"].get("start_date", "2022-04-25"))
+        res = timed(
+            build_cmd(lake, ["--full", *spec_args(data, start, days)], parts),
+            work / f"full_{events:g}.log",
+        )
+        summary = json.loads((lake / "synthetic" / "summaries" / "full.json").read_text())
+        rows.append(
+            {
+                "bench": "full build (synthetic events)",
+                "events": n,
+                "sessions": summary["sessions"],
+                "days": days,
+                **res,
+                "events_per_s": round(n / res["seconds"]),
+                "events_per_s_per_core": round(n / res["seconds"] / cores),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_incremental(work: Path, at_days: list[int], events_per_day: float) -> list[dict]:
+    """Nightly cost of day k after a history of k-1 days, at equal daily volume."""
+    horizon = max(at_days)
+    data = work / f"synthetic_daily_{events_per_day:g}x{horizon}"
+    m = generate(data, events_per_day * horizon, horizon)
+    start = dt.date.fromisoformat(m["params"].get("start_date", "2022-04-25"))
+    rows = []
+    for k in at_days:
+        day = start + dt.timedelta(days=k - 1)
+        # A view of the log with the days before k: the history a nightly chain has built.
+        view = work / f"view_{k}"
+        shutil.rmtree(view, ignore_errors=True)
+        (view / "events").mkdir(parents=True)
+        for i in range(k):
+            d = (start + dt.timedelta(days=i)).isoformat()
+            (view / "events" / f"date={d}").symlink_to(data / "events" / f"date={d}")
+        for f in ("users.parquet", "items.parquet"):
+            (view / f).symlink_to(data / f)
+        hist = view / "history_only"
+        (hist / "events").mkdir(parents=True)
+        for i in range(k - 1):
+            d = (start + dt.timedelta(days=i)).isoformat()
+            (hist / "events" / f"date={d}").symlink_to(data / "events" / f"date={d}")
+        for f in ("users.parquet", "items.parquet"):
+            (hist / f).symlink_to(data / f)
+        lake = work / f"lake_inc_{k}"
+        shutil.rmtree(lake, ignore_errors=True)
+        sargs = spec_args(view, start, horizon)
+        hargs = spec_args(hist, start, horizon)
+        timed(build_cmd(lake, ["--full", *hargs], 4), work / f"inc_{k}_history.log")
+        res = timed(build_cmd(lake, ["--date", day.isoformat(), *sargs], 4), work / f"inc_{k}.log")
+        summary = json.loads((lake / "synthetic" / "summaries" / f"{day}.json").read_text())
+        rows.append(
+            {
+                "bench": f"nightly run of day {k}",
+                "history_days": k - 1,
+                "events": summary["rows_in"],
+                **res,
+                "build_seconds": summary["seconds"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_kuairand(work: Path) -> list[dict]:
+    lake = work / "lake_kuairand"
+    shutil.rmtree(lake, ignore_errors=True)
+    full = timed(build_cmd(lake, ["--full"], 8), work / "kuairand_full.log")
+    night = timed(build_cmd(lake, ["--date", "2022-05-08"], 8), work / "kuairand_night.log")
+    s_full = json.loads((lake / "kuairand" / "summaries" / "full.json").read_text())
+    s_night = json.loads((lake / "kuairand" / "summaries" / "2022-05-08.json").read_text())
+    return [
+        {
+            "bench": "KuaiRand full rebuild (15 days)",
+            "events": s_full["rows_in"],
+            **full,
+            "build_seconds": s_full["seconds"],
+        },
+        {
+            "bench": "KuaiRand nightly run (2022-05-08)",
+            "events": s_night["rows_in"],
+            **night,
+            "build_seconds": s_night["seconds"],
+        },
+    ]
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["bench", "events", "seconds", "events_per_s_per_core", "peak_rss_mb", "build_seconds"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    pp = sub.add_parser("pipeline", help="feature build benchmarks")
+    pp.add_argument(
+        "--events", default="", help="comma list of event counts for full builds, e.g. 1e6,1e7"
+    )
+    pp.add_argument("--days", type=int, default=14)
+    pp.add_argument("--incremental", default="", help="comma list of days k: nightly cost of day k")
+    pp.add_argument("--events-per-day", type=float, default=2e5)
+    pp.add_argument("--kuairand", action="store_true")
+    pp.add_argument("--work", default="/tmp/lifecycle-bench")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if args.kuairand:
+        rows += bench_kuairand(work)
+    if args.events:
+        rows += bench_full(work, [float(x) for x in args.events.split(",")], args.days)
+    if args.incremental:
+        rows += bench_incremental(
+            work, [int(x) for x in args.incremental.split(",")], args.events_per_day
+        )
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+    }
+    out = {"machine": machine, "results": rows}
+    (work / "pipeline.json").write_text(json.dumps(out, indent=2))
+    print(f"\nmachine: {machine}\n")
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
