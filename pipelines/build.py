@@ -50,7 +50,7 @@ from pipelines.source import (
     validate,
     value_column,
 )
-from pipelines.spec import FeatureSpec, TaskKind
+from pipelines.spec import EXAMPLE_ID_COLUMNS, FeatureSpec, TaskKind
 
 log = logging.getLogger("build_features")
 
@@ -386,16 +386,7 @@ def pseudo_rows(
 
 # --------------------------------------------------------------------------- the build
 def example_columns(spec: FeatureSpec, plan: KernelPlan) -> list[str]:
-    cols = [
-        "date",
-        "user_id",
-        "item_id",
-        "user_idx",
-        "item_idx",
-        "event_time_ms",
-        "example_id",
-        "split",
-    ]
+    cols = list(EXAMPLE_ID_COLUMNS)
     cols += [f.name for f in spec.categorical_features] + [f.name for f in spec.dense_features]
     for t in spec.tasks:
         cols.append(f"label_{t.name}")

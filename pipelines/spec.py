@@ -354,7 +354,8 @@ class FeatureSpec(_Strict):
         return [f for g in (self.user, self.item, self.context) for f in g.dense]
 
 
-RESERVED_COLUMNS = {
+# The leading columns of every examples table, in order.
+EXAMPLE_ID_COLUMNS = [
     "date",
     "user_id",
     "item_id",
@@ -363,9 +364,8 @@ RESERVED_COLUMNS = {
     "event_time_ms",
     "example_id",
     "split",
-    "n_prev",
-    "n_prev_all",
-}
+]
+RESERVED_COLUMNS = {*EXAMPLE_ID_COLUMNS, "n_prev", "n_prev_all"}
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
