@@ -91,7 +91,14 @@ class Artifacts:
 
 
 def spec_hash(spec: FeatureSpec) -> str:
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+    """Fingerprint of what the preprocessing depends on: the spec without its data locations
+    (moving the data does not invalidate the fitted vocabularies and bins)."""
+    d = spec.model_dump(mode="json")
+    d["source"].pop("path")
+    for g in ("user", "item"):
+        for t in d[g]["tables"]:
+            t.pop("path")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def vocab_tables(spec: FeatureSpec) -> dict[str, list[str]]:

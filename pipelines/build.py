@@ -25,6 +25,7 @@ from pyspark.sql import types as T
 from pipelines import artifacts as arts
 from pipelines import delta_io
 from pipelines.config import PipelineConfig
+from pipelines.progress import spark_progress
 from pipelines.running import (
     K_DAY,
     K_USER,
@@ -420,7 +421,20 @@ def build(
     date: str | None = None,
     now_ms: int | None = None,
 ) -> dict:
-    """Run the build: ``date=None`` is a full rebuild, otherwise the nightly run for that date."""
+    """Run the build: ``date=None`` is a full rebuild, otherwise the nightly run for that date.
+    Returns the run's summary (also written to ``summaries/<date|full>.json``)."""
+    with spark_progress(spark, f"build {date or 'full'}"):
+        return _build(spark, spec, cfg, date=date, now_ms=now_ms)
+
+
+def _build(
+    spark: SparkSession,
+    spec: FeatureSpec,
+    cfg: PipelineConfig,
+    *,
+    date: str | None,
+    now_ms: int | None,
+) -> dict:
     t0 = time.time()
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     tables = Tables.for_spec(cfg.lake, spec)
