@@ -43,6 +43,7 @@ from pipelines.source import (
     ValidatedSource,
     action_column,
     file_date_regex,
+    local_files,
     read_raw,
     read_side_table,
     run_window,
@@ -146,9 +147,7 @@ def read_validated(
         else:
             days = [date] if src.events is None else [_shift(date, -1), date, _shift(date, 1)]
             paths = [src.path.replace("{date}", d) for d in days]
-            from pipelines.source import _local_files
-
-            paths = [p for p in paths if _local_files(p) or "://" in p]
+            paths = [p for p in paths if local_files(p) or "://" in p]
             if src.path.replace("{date}", date) not in paths:
                 raise BuildError(
                     f"{src.path.replace('{date}', date)}: no such file or directory (source.path for {date})"

@@ -68,7 +68,7 @@ class ValidatedSource:
 
 
 # --------------------------------------------------------------------------- reading
-def _local_files(path: str) -> list[str]:
+def local_files(path: str) -> list[str]:
     if "://" in path and not path.startswith("file://"):
         return []  # remote: Spark resolves it; header checks are done by Spark itself
     p = path.removeprefix("file://")
@@ -114,7 +114,7 @@ def read_raw(spark: SparkSession, table: TableSource, path: str | None = None) -
     """Read a table with every declared column as a string (casting is validation's job), plus
     ``_source_file`` and, for CSV, ``_corrupt_record`` for lines that do not parse."""
     path = path or table.path
-    files = _local_files(path)
+    files = local_files(path)
     if "://" not in path or path.startswith("file://"):
         if not files:
             raise SourceError(f"{path}: no such file or directory (source.path)")
@@ -145,7 +145,7 @@ def read_raw(spark: SparkSession, table: TableSource, path: str | None = None) -
         # file lacking (or adding) a column is an error naming it, not a day of null values.
         import pyarrow.parquet as pq
 
-        for f in (g for e in files for g in (_local_files(e) if os.path.isdir(e) else [e])):
+        for f in (g for e in files for g in (local_files(e) if os.path.isdir(e) else [e])):
             _check_columns(pq.read_schema(f).names, table, f)
         df = spark.read.parquet(*(files or [path]))
         _check_columns(df.columns, table, files[0] if files else path)
