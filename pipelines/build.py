@@ -402,12 +402,13 @@ def fit_artifacts(
     cfg: PipelineConfig,
     tables: Tables,
     now_ms: int,
-    accepted: DataFrame | None = None,
+    wide: DataFrame | None = None,
 ) -> arts.Artifacts:
-    if accepted is None:
+    """Fit on the training window of ``wide`` (wide rows of every day), or of the whole source."""
+    if wide is None:
         validated, _ = read_validated(spark, spec, cfg, None, now_ms)
-        accepted = validated.accepted
-    train = wide_rows(spark, spec, accepted.where(_in_train(spec)))
+        wide = wide_rows(spark, spec, validated.accepted)
+    train = wide.where(_in_train(spec))
     log.info("fitting vocabularies, dense statistics and dwell bins on the training window")
     return arts.fit(spec, train, tables.artifacts)
 
@@ -451,8 +452,10 @@ def _build(
     n_acc, n_rej = accepted.count(), rejected.count()
     log.info("validated: %d sessions accepted, %d rows rejected", n_acc, n_rej)
 
+    # Joined with the side tables once: the fit and the transform both read it.
+    wide = wide_rows(spark, spec, accepted).persist(StorageLevel.MEMORY_AND_DISK)
     if date is None:
-        art = fit_artifacts(spark, spec, cfg, tables, now_ms, accepted)
+        art = fit_artifacts(spark, spec, cfg, tables, now_ms, wide)
     else:
         try:
             art = arts.load(tables.artifacts, spec)
@@ -468,8 +471,10 @@ def _build(
             "usually an upstream failure; set allow_empty_day=true to record it as empty"
         )
 
-    rows = arts.apply(spec, wide_rows(spark, spec, accepted), art)
+    rows = arts.apply(spec, wide, art)
     rows = with_kernel_columns(spec, rows, art).persist(StorageLevel.MEMORY_AND_DISK)
+    log.info("prepared %d rows in %.1fs", rows.count(), time.time() - t0)
+    wide.unpersist()
 
     pseudo = None
     if date is not None:
@@ -479,7 +484,6 @@ def _build(
                 spec, old_state, _window_daily(spark, spec, tables, date, writer), users
             )
 
-    log.info("prepared %d rows in %.1fs", rows.count(), time.time() - t0)
     examples = run_kernel(rows, pseudo, plan, _order_columns(spec), cfg.spark.user_partitions)
     examples = examples.withColumn("split", _split_col(spec)).select(*example_columns(spec, plan))
 
