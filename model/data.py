@@ -310,10 +310,9 @@ def _layout(spec: FeatureSpec, artifacts: Artifacts, pseudo_labels: str) -> _Lay
                 raise ExamplesTableError(f"the artifacts have no dwell bins for task {t.name!r}")
             label_columns.append(f"label_{t.name}_bin")
             checks.append(f"label_{t.name}_bin")
-            divisors.append(float(artifacts.n_bins(t.name) - 1))
         else:
             label_columns.append(f"label_{t.name}")
-            divisors.append(1.0)
+        divisors.append(float(artifacts.target_divisor(t.name)))
     if pseudo_labels == "window":
         pl = [f"pl_{t}" for t in tasks]
         n_prev = "n_prev"

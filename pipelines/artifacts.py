@@ -83,6 +83,11 @@ class Artifacts:
     def n_bins(self, task: str) -> int:
         return len(self.bins[task]) + 1
 
+    def target_divisor(self, task: str) -> int:
+        """Turns a task's integer value into its [0, 1] target: n_bins - 1 for a dwell task
+        (value = bin index), 1 for a binary task."""
+        return self.n_bins(task) - 1 if task in self.bins else 1
+
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("vocabs")

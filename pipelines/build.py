@@ -244,9 +244,7 @@ def _side_table(spark: SparkSession, table) -> DataFrame:
 def kernel_plan(spec: FeatureSpec, art: arts.Artifacts) -> KernelPlan:
     return KernelPlan(
         tasks=[t.name for t in spec.tasks],
-        divisors={
-            t.name: 1 if t.kind == TaskKind.BINARY else art.n_bins(t.name) - 1 for t in spec.tasks
-        },
+        divisors={t.name: art.target_divisor(t.name) for t in spec.tasks},
         fallback=dict(art.global_means),
         window_days=spec.pseudo_labels.window_days,
         all_history=spec.pseudo_labels.all_history,
