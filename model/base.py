@@ -1,0 +1,270 @@
+"""What every multi-task model shares: the task configs, the sparse arch (a TorchRec
+``EmbeddingBagCollection`` built from the feature spec), the input assembly, per-task losses,
+and the ``*Train`` wrapper.
+
+Notation: B = batch size, K = pooled sparse keys, D = embedding dim, F = dense features,
+T = the model's tasks, T_s = the spec's tasks (label columns of a :class:`model.data.Batch`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from model.config import ModelConfig
+from model.data import Batch
+from pipelines.spec import FeatureSpec, TaskKind
+
+__all__ = [
+    "FeatureLayout",
+    "ModelOutput",
+    "MultiTaskModel",
+    "MultiTaskTrain",
+    "SparseArch",
+    "TaskConfig",
+    "TaskType",
+    "embedding_bag_configs",
+    "feature_layout",
+    "task_configs",
+]
+
+
+class TaskType(enum.Enum):
+    # BCE on a target in [0, 1]: 0/1 labels, or a dwell task's soft bin target
+    BINARY = "binary"
+    # MSE on a continuous target
+    REGRESSION = "regression"
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task of a model.
+
+    Attributes:
+        name: the spec's task name.
+        task_type: the loss family.
+        label_index: the task's column in ``Batch.labels`` / ``Batch.pseudo_labels``.
+        is_dwell: a binned dwell task (soft target ``bin / divisor``).
+        divisor: ``n_bins - 1`` for a dwell task, 1 otherwise (recovers the bin index).
+        weight: the task's weight in the total loss.
+    """
+
+    name: str
+    task_type: TaskType
+    label_index: int
+    is_dwell: bool = False
+    divisor: float = 1.0
+    weight: float = 1.0
+
+
+def task_configs(
+    spec: FeatureSpec, divisors: dict[str, float], names: list[str] | None = None
+) -> list[TaskConfig]:
+    """TaskConfigs of ``names`` (default all spec tasks, spec order); unknown names raise."""
+    order = [t.name for t in spec.tasks]
+    by_name = {t.name: t for t in spec.tasks}
+    out = []
+    for name in names or order:
+        if name not in by_name:
+            raise ValueError(f"task {name!r} is not in spec {spec.name!r} (tasks: {order})")
+        t = by_name[name]
+        out.append(
+            TaskConfig(
+                name=name,
+                task_type=TaskType.BINARY,
+                label_index=order.index(name),
+                is_dwell=t.kind == TaskKind.DWELL,
+                divisor=float(divisors.get(name, 1.0)),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Where the inputs of a batch sit, by group.
+
+    Attributes:
+        sparse_keys: the KJT keys in a fixed order (the order of the stacked embeddings).
+        tables: embedding table name -> (number of rows, the keys it serves).
+        user_keys / item_keys / context_keys: the sparse keys of each group (``user_id`` and
+            ``item_id`` included in theirs).
+        n_dense: F.
+    """
+
+    sparse_keys: list[str]
+    tables: dict[str, tuple[int, list[str]]]
+    user_keys: list[str]
+    item_keys: list[str]
+    context_keys: list[str]
+    n_dense: int
+
+    def positions(self, keys: list[str]) -> list[int]:
+        return [self.sparse_keys.index(k) for k in keys]
+
+
+def feature_layout(spec: FeatureSpec, vocab_sizes: dict[str, int]) -> FeatureLayout:
+    """The layout of spec + fitted vocabulary sizes (``Artifacts.vocab_sizes``)."""
+    from pipelines.artifacts import vocab_tables
+
+    keys = [f.name for f in spec.categorical_features] + ["user_id", "item_id"]
+    tables = {}
+    for table, cols in vocab_tables(spec).items():
+        if table not in vocab_sizes:
+            raise ValueError(f"no vocabulary size for embedding table {table!r}")
+        tables[table] = (int(vocab_sizes[table]), list(cols))
+    return FeatureLayout(
+        sparse_keys=keys,
+        tables=tables,
+        user_keys=[f.name for f in spec.user.categorical] + ["user_id"],
+        item_keys=[f.name for f in spec.item.categorical] + ["item_id"],
+        context_keys=[f.name for f in spec.context.categorical],
+        n_dense=len(spec.dense_features),
+    )
+
+
+def embedding_bag_configs(layout: FeatureLayout, dim: int) -> list[EmbeddingBagConfig]:
+    """One table per vocabulary (features with the same spec ``table`` share one)."""
+    return [
+        EmbeddingBagConfig(
+            name=f"t_{table}",
+            embedding_dim=dim,
+            num_embeddings=rows,
+            feature_names=list(keys),
+            pooling=PoolingType.SUM,
+        )
+        for table, (rows, keys) in layout.tables.items()
+    ]
+
+
+class SparseArch(nn.Module):
+    """The embedding lookup: KJT (one id per key and sample) -> stacked embeddings.
+
+    Keys come back from a sharded EBC in another order than from an unsharded one, so the
+    output is assembled by name (``KeyedTensor.to_dict``) in ``layout.sparse_keys`` order.
+
+    Call: KJT -> [B, K, D].
+    """
+
+    def __init__(self, layout: FeatureLayout, dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.layout = layout
+        self.embedding_dim = dim
+        self.ebc = EmbeddingBagCollection(
+            tables=embedding_bag_configs(layout, dim), device=device or torch.device("cpu")
+        )
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        by_key = self.ebc(features).to_dict()
+        return torch.stack([by_key[k] for k in self.layout.sparse_keys], dim=1)
+
+
+@dataclass
+class ModelOutput:
+    """logits: [B, T] of the ranking heads (scores = sigmoid); aux: model-specific tensors
+    (STAN: ``preference`` ỹ [B, T], ``gamma`` [B, T])."""
+
+    logits: torch.Tensor
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B] over real rows (mask [B]); 0 for an all-padding batch (keeps the graph)."""
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class MultiTaskModel(nn.Module):
+    """Base of the ranking models: embeddings + dense features in, T logits out.
+
+    Subclasses implement :meth:`heads` on the flat input ``x`` = [embeddings of the K keys,
+    dense features] ([B, K * D + F]); STAN overrides :meth:`forward` / :meth:`loss`.
+    """
+
+    def __init__(self, layout: FeatureLayout, tasks: list[TaskConfig], cfg: ModelConfig) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("a model needs at least one task")
+        self.layout = layout
+        self.tasks = tasks
+        self.cfg = cfg
+        self.sparse_arch = SparseArch(layout, cfg.embedding_dim)
+        self.input_dim = len(layout.sparse_keys) * cfg.embedding_dim + layout.n_dense
+        self.register_buffer(
+            "label_index", torch.tensor([t.label_index for t in tasks]), persistent=False
+        )
+
+    # --- inputs -------------------------------------------------------------------------
+    def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [B, K, D], flat input x [B, K * D + F])."""
+        emb = self.sparse_arch(batch.sparse_features)
+        x = torch.cat([emb.flatten(1), batch.dense_features], dim=1)
+        return emb, x
+
+    def labels(self, batch: Batch) -> torch.Tensor:
+        """The model's tasks' targets [B, T] in [0, 1]."""
+        return batch.labels.index_select(1, self.label_index)
+
+    def pseudo_labels(self, batch: Batch) -> torch.Tensor:
+        return batch.pseudo_labels.index_select(1, self.label_index)
+
+    # --- model --------------------------------------------------------------------------
+    def heads(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        _, x = self.embed(batch)
+        return ModelOutput(self.heads(x, batch))
+
+    def task_losses(self, batch: Batch, out: ModelOutput) -> torch.Tensor:
+        """Per-sample, per-task losses [B, T] (``reduction="none"``), before masking."""
+        y = self.labels(batch)
+        cols = []
+        for k, task in enumerate(self.tasks):
+            if task.task_type == TaskType.BINARY:
+                cols.append(
+                    F.binary_cross_entropy_with_logits(out.logits[:, k], y[:, k], reduction="none")
+                )
+            else:
+                cols.append(F.mse_loss(out.logits[:, k], y[:, k], reduction="none"))
+        return torch.stack(cols, dim=1)
+
+    def loss(self, batch: Batch, out: ModelOutput) -> torch.Tensor:
+        """The per-task training losses [T] (masked means); the total is their weighted sum."""
+        per = self.task_losses(batch, out)
+        return torch.stack([masked_mean(per[:, k], batch.mask) for k in range(len(self.tasks))])
+
+    def task_weights(self) -> torch.Tensor:
+        return torch.tensor([t.weight for t in self.tasks])
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        """Ranking scores [B, T] in [0, 1] (no state is updated)."""
+        return torch.sigmoid(self.forward(batch).logits)
+
+
+class MultiTaskTrain(nn.Module):
+    """The training wrapper (as ``torchrec.models.dlrm.DLRMTrain``).
+
+    Call: batch -> ``(loss, (task_losses, logits, labels))``: the scalar total loss, then,
+    detached, the per-task losses [T] that sum (weighted) to it, the logits [B, T] and the
+    model's targets [B, T].
+    """
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("weights", model.task_weights(), persistent=False)
+
+    def forward(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = self.model(batch)
+        per_task = self.model.loss(batch, out)
+        loss = (per_task * self.weights).sum()
+        return loss, (per_task.detach(), out.logits.detach(), self.model.labels(batch))

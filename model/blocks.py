@@ -1,0 +1,170 @@
+"""Shared building blocks of the multi-task models: MLPs, experts, gates, CGC and MMoE layers.
+
+Notation: B = batch size, I = input width, E = experts, H = an expert's output width,
+T = tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["CGCLayer", "ExpertGroup", "MLP", "MMoELayer", "Tower"]
+
+
+class MLP(nn.Sequential):
+    """Linear -> ReLU (-> Dropout) for each hidden width.
+
+    Args:
+        in_dim: I.
+        hidden: widths of the layers (empty: the identity).
+        dropout: dropout after each activation.
+
+    Call: x [B, I] -> [B, hidden[-1]] (or [B, I] when ``hidden`` is empty).
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        super().__init__(*layers)
+        self.out_dim = width
+
+
+class Tower(nn.Module):
+    """A task tower f_T^k: an MLP and a last linear layer to one logit.
+
+    Call: x [B, I] -> logit [B].
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden, dropout)
+        self.out = nn.Linear(self.mlp.out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(x)).squeeze(-1)
+
+
+class ExpertGroup(nn.Module):
+    """E experts of the same shape, evaluated as one batched matmul per layer.
+
+    Each expert is an MLP ``I -> hidden[0] -> ... -> hidden[-1]`` with ReLU after every layer.
+
+    Call: x [B, I] -> [B, E, H] with H = hidden[-1].
+    """
+
+    def __init__(self, in_dim: int, n_experts: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        if n_experts < 1 or not hidden:
+            raise ValueError("an expert group needs at least one expert and one hidden layer")
+        self.n_experts = n_experts
+        self.out_dim = int(hidden[-1])
+        widths = [in_dim, *hidden]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+            w = torch.empty(n_experts, fan_in, fan_out)
+            for e in range(n_experts):  # same init as nn.Linear, per expert
+                lin = nn.Linear(fan_in, fan_out)
+                w[e] = lin.weight.detach().t()
+            bound = 1.0 / fan_in**0.5
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(
+                nn.Parameter(torch.empty(n_experts, 1, fan_out).uniform_(-bound, bound))
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.unsqueeze(0).expand(self.n_experts, -1, -1)  # [E, B, I]
+        for w, b in zip(self.weights, self.biases, strict=True):
+            h = torch.relu(torch.baddbmm(b, h, w))
+        return h.transpose(0, 1)  # [B, E, H]
+
+
+def _mix(gate_logits: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax gate over experts: ([B, E], [B, E, H]) -> (mixture [B, H], weights [B, E])."""
+    weights = torch.softmax(gate_logits, dim=-1)
+    return torch.bmm(weights.unsqueeze(1), experts).squeeze(1), weights
+
+
+class MMoELayer(nn.Module):
+    """Multi-gate Mixture-of-Experts: E shared experts, one softmax gate per task.
+
+    Call: x [B, I] -> list of T tensors [B, H]. The last gate weights ([B, E] per task) are kept
+    in ``last_gates`` for inspection.
+    """
+
+    def __init__(self, in_dim: int, n_tasks: int, n_experts: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.experts = ExpertGroup(in_dim, n_experts, hidden)
+        self.gates = nn.ModuleList(nn.Linear(in_dim, n_experts) for _ in range(n_tasks))
+        self.out_dim = self.experts.out_dim
+        self.last_gates: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        experts = self.experts(x)
+        outs, self.last_gates = [], []
+        for gate in self.gates:
+            mixed, w = _mix(gate(x), experts)
+            outs.append(mixed)
+            self.last_gates.append(w.detach())
+        return outs
+
+
+class CGCLayer(nn.Module):
+    """Customized Gate Control (PLE, Eq. 1-3): task-specific and shared experts.
+
+    Task k's gate mixes its own ``task_experts`` and the ``shared_experts``; unless this is the
+    last layer a shared gate mixes all experts into the shared input of the next layer.
+
+    Call: inputs, a list of T task inputs and the shared input (T + 1 tensors [B, I]) ->
+    T task outputs (+ the shared output unless ``last``), each [B, H]. The last gate weights
+    are kept in ``last_gates`` (T or T + 1 tensors [B, E_gate]).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_tasks: int,
+        task_experts: int,
+        shared_experts: int,
+        hidden: Sequence[int],
+        last: bool,
+    ) -> None:
+        super().__init__()
+        self.n_tasks = n_tasks
+        self.last = last
+        self.task_experts = nn.ModuleList(
+            ExpertGroup(in_dim, task_experts, hidden) for _ in range(n_tasks)
+        )
+        self.shared_experts = ExpertGroup(in_dim, shared_experts, hidden)
+        self.task_gates = nn.ModuleList(
+            nn.Linear(in_dim, task_experts + shared_experts) for _ in range(n_tasks)
+        )
+        self.shared_gate = (
+            None if last else nn.Linear(in_dim, n_tasks * task_experts + shared_experts)
+        )
+        self.out_dim = int(hidden[-1])
+        self.last_gates: list[torch.Tensor] = []
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(inputs) != self.n_tasks + 1:
+            raise ValueError(f"CGC expects {self.n_tasks + 1} inputs, got {len(inputs)}")
+        shared = self.shared_experts(inputs[-1])
+        task = [ex(x) for ex, x in zip(self.task_experts, inputs[:-1], strict=True)]
+        outs, self.last_gates = [], []
+        for k, gate in enumerate(self.task_gates):
+            mixed, w = _mix(gate(inputs[k]), torch.cat([task[k], shared], dim=1))
+            outs.append(mixed)
+            self.last_gates.append(w.detach())
+        if self.shared_gate is not None:
+            mixed, w = _mix(self.shared_gate(inputs[-1]), torch.cat([*task, shared], dim=1))
+            outs.append(mixed)
+            self.last_gates.append(w.detach())
+        return outs

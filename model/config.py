@@ -1,0 +1,182 @@
+"""Training configuration (``conf/train.yaml``), validated on load; every key overridable with
+``--set key.path=value`` (see ``pipelines.config.load_config``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.config import load_config
+from pipelines.spec import FeatureSpec
+
+MODEL_NAMES = (
+    "mlp_single",
+    "mlp_shared",
+    "mmoe",
+    "ple",
+    "aitm",
+    "ple_stage",
+    "stan",
+    "stan_no_beta",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PLEConfig(_Strict):
+    layers: int = Field(1, ge=1)
+    task_experts: int = Field(1, ge=1)
+    shared_experts: int = Field(2, ge=1)
+
+
+class StanConfig(_Strict):
+    # f(U_i): self-attention across the user features (Eq. 7, default) or a DNN (Sec. 4).
+    f: Literal["self_attention", "dnn"] = "self_attention"
+    heads: int = Field(1, ge=1)
+    # MLP^k of Eq. 9 (the preference towers)
+    preference_hidden: list[int] = Field(default_factory=lambda: [64])
+    # Weight of the MSE term for rows without history (n_prev = 0, fallback pseudo-label):
+    # 0 masks them, 1 trains on the train-window mean like any other target.
+    no_history_weight: float = Field(0.0, ge=0.0)
+    # U_i: the user features the preference module attends over (null: the spec's user
+    # categorical features and user_id)
+    user_features: list[str] | None = None
+
+
+class StageConfig(_Strict):
+    """The rule-based stages (STAN Sec. 2.1): users split by the medians of a CTR-like, a
+    dwell-like and a conversion-like task (New / Wander / Stick / Loyal)."""
+
+    ctr_task: str = "click"
+    dwell_task: str = "dwell"
+    conversion_task: str = "like"
+
+
+class ModelConfig(_Strict):
+    name: Literal[
+        "mlp_single",
+        "mlp_shared",
+        "mmoe",
+        "ple",
+        "aitm",
+        "ple_stage",
+        "stan",
+        "stan_no_beta",
+    ] = "stan"
+    # the tasks to train, in chain order for AITM (null: all tasks of the spec, in spec order)
+    tasks: list[str] | None = None
+    embedding_dim: int = Field(16, ge=1)
+    # MLP_single's per-task MLPs and MLP_shared's shared bottom
+    bottom_hidden: list[int] = Field(default_factory=lambda: [256, 128])
+    # each expert of MMoE / PLE / PLE_stage / STAN, and AITM's task bottoms
+    expert_hidden: list[int] = Field(default_factory=lambda: [256, 128])
+    tower_hidden: list[int] = Field(default_factory=lambda: [64])
+    mmoe_experts: int = Field(4, ge=1)
+    ple: PLEConfig = Field(default_factory=PLEConfig)
+    stan: StanConfig = Field(default_factory=StanConfig)
+    stage: StageConfig = Field(default_factory=StageConfig)
+    # AITM's behavioural-expectation calibrator weight (0 = off: KuaiRand's tasks are not a
+    # strict funnel, a like does not need a click of the same impression's probability order)
+    aitm_calibration_weight: float = Field(0.0, ge=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Pseudo-labels for STAN: the rolling window (pl_<task>) or all history (pl_all_<task>)
+    pseudo_labels: Literal["window", "all_history"] = "window"
+
+
+class OptimConfig(_Strict):
+    # Dense parameters: Adam with the paper's settings (Sec. 4.1.3)
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0)
+    # Embedding tables: an optimizer fused into TorchRec's backward
+    sparse: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = Field(0.05, gt=0)
+
+
+class TrainLoopConfig(_Strict):
+    batch_size: int = Field(1024, ge=1)
+    eval_batch_size: int = Field(4096, ge=1)
+    epochs: int = Field(1, ge=1)
+    # stop after this many steps in total (null: all epochs)
+    max_steps: int | None = Field(None, ge=1)
+    seed: int = 0
+    log_every: int = Field(50, ge=1)
+    eval_splits: list[Literal["valid", "test"]] = Field(default_factory=lambda: ["valid", "test"])
+    ndcg_k: int = Field(5, ge=1)
+    # a checkpoint every N steps (0: only at the end); resume from the latest one if present
+    checkpoint_every: int = Field(0, ge=0)
+    resume: bool = True
+    # test hook: the process exits hard right after the checkpoint of this step (a crash)
+    crash_after_step: int | None = None
+    num_workers: int = Field(0, ge=0)
+    # "auto": cuda when available, else cpu
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # table_wise on CPU; row_wise / column_wise also allowed on CUDA
+    sharding: Literal["table_wise", "row_wise", "column_wise", "data_parallel"] = "table_wise"
+    # TF32 matmuls on CUDA (fp32 otherwise)
+    tf32: bool = False
+    # torch intra-op threads per process (0: torch's default)
+    threads: int = Field(0, ge=0)
+
+
+class MlflowConfig(_Strict):
+    enabled: bool = True
+    # embedded default: a sqlite store and an artifact folder in the working directory
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "lifecycle-ranking"
+    run_name: str | None = None
+
+
+class TrainConfig(_Strict):
+    spec: str = "feature_specs/kuairand.yaml"
+    lake: str = "lake"
+    # Delta version of the examples table to train on (null: the latest, recorded in the run)
+    table_version: int | None = None
+    # run outputs: checkpoints/, model.pt (the gathered unsharded weights), metrics.json
+    output_dir: str = "out/train"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _sharding(self) -> TrainConfig:
+        if self.train.sharding == "row_wise" and self.train.device == "cpu":
+            raise ValueError("train.sharding: row_wise needs CUDA (TorchRec offers it on GPU only)")
+        return self
+
+
+def check_against_spec(cfg: TrainConfig, spec: FeatureSpec) -> None:
+    """Names the config uses must exist in the spec: a clear error before training starts."""
+    tasks = [t.name for t in spec.tasks]
+    for name in cfg.model.tasks or []:
+        if name not in tasks:
+            raise ValueError(f"model.tasks: {name!r} is not a task of spec {spec.name!r} ({tasks})")
+    users = [f.name for f in spec.user.categorical] + ["user_id"]
+    for name in cfg.model.stan.user_features or []:
+        if name not in users:
+            raise ValueError(
+                f"model.stan.user_features: {name!r} is not a user categorical feature of spec "
+                f"{spec.name!r} ({users})"
+            )
+    for key in ("ctr_task", "dwell_task", "conversion_task"):
+        name = getattr(cfg.model.stage, key)
+        if name not in tasks:
+            raise ValueError(
+                f"model.stage.{key}: task {name!r} is not in spec {spec.name!r} (tasks: {tasks})"
+            )
+    if cfg.model.pseudo_labels == "all_history" and not spec.pseudo_labels.all_history:
+        raise ValueError(
+            "model.pseudo_labels: all_history needs pseudo_labels.all_history: true in spec "
+            f"{spec.name!r}"
+        )
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load and validate ``conf/train.yaml`` (or defaults) with ``key.path=value`` overrides."""
+    return load_config(path, overrides, model=TrainConfig)

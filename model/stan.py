@@ -1,0 +1,133 @@
+"""STAN (Stage-Adaptive Network, RecSys 2023) and STAN w/o Beta.
+
+A PLE backbone ranks; a user preference module learns each user's task propensities ỹ from the
+user feature embeddings U_i, supervised by the pipeline's pseudo-labels ``pl_<task>``; the latent
+stage module (Algorithm 1, :mod:`model.beta_state`) turns ỹ into a per-user Beta state whose
+sample γ weights each task's BCE loss:
+
+    L = Σ_k mean_i( γ_i^k · BCE(ŷ_i^k, y_i^k) + w_i · (l_i^k − ỹ_i^k)² )     (Eq. 11-14)
+
+with w_i = 1, or ``no_history_weight`` for rows whose user has no history (fallback label).
+STAN w/o Beta uses ỹ (detached) in place of γ. Scores at inference are the backbone's ŷ.
+
+Notation: B = batch, d1 = user features, D = embedding dim, T = tasks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from model.base import FeatureLayout, ModelOutput, TaskConfig, masked_mean
+from model.beta_state import BetaStageState
+from model.blocks import MLP, Tower
+from model.config import ModelConfig
+from model.data import Batch
+from model.ple import PLE
+
+
+class UserPreference(nn.Module):
+    """f, the task-specific attention and the preference towers (Eq. 7-9).
+
+    U' = f(U) (self-attention across the d1 user features, or a DNN);
+    s^k = U' ⊙ softmax_features(W^k U'); ỹ^k = sigmoid(MLP^k(flatten(s^k))).
+
+    Call: U [B, d1, D] -> preference logits [B, T] (ỹ = sigmoid).
+    """
+
+    def __init__(self, n_features: int, dim: int, n_tasks: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        scfg = cfg.stan
+        self.kind = scfg.f
+        if self.kind == "self_attention":
+            if dim % scfg.heads:
+                raise ValueError(
+                    f"model.stan.heads: {scfg.heads} does not divide embedding_dim {dim}"
+                )
+            self.attention = nn.MultiheadAttention(dim, scfg.heads, batch_first=True)
+        else:
+            self.dnn = MLP(n_features * dim, [n_features * dim])
+        self.task_attention = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(n_tasks))
+        self.towers = nn.ModuleList(
+            Tower(n_features * dim, scfg.preference_hidden) for _ in range(n_tasks)
+        )
+
+    def represent(self, user: torch.Tensor) -> torch.Tensor:
+        """U' = f(U): [B, d1, D] -> [B, d1, D]."""
+        if self.kind == "self_attention":
+            return self.attention(user, user, user, need_weights=False)[0]
+        return self.dnn(user.flatten(1)).view_as(user)
+
+    def forward(self, user: torch.Tensor) -> torch.Tensor:
+        u = self.represent(user)
+        logits = []
+        for attend, tower in zip(self.task_attention, self.towers, strict=True):
+            s = u * torch.softmax(attend(u), dim=1)
+            logits.append(tower(s.flatten(1)))
+        return torch.stack(logits, dim=1)
+
+
+class STAN(PLE):
+    """PLE backbone + user preference learning + latent stage (Beta) weighting.
+
+    Args:
+        beta: True for STAN (γ from the Beta state), False for STAN w/o Beta (γ = ỹ).
+        seed: the Beta sampler's seed.
+
+    Call: batch -> ModelOutput(logits [B, T], aux {"preference": ỹ [B, T], "gamma": γ [B, T]});
+    γ is drawn (and the per-user state advanced) only in training mode.
+    """
+
+    def __init__(
+        self,
+        layout: FeatureLayout,
+        tasks: list[TaskConfig],
+        cfg: ModelConfig,
+        beta: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(layout, tasks, cfg)
+        self.user_keys = cfg.stan.user_features or layout.user_keys
+        self.register_buffer(
+            "user_positions", torch.tensor(layout.positions(self.user_keys)), persistent=False
+        )
+        self.preference = UserPreference(len(self.user_keys), cfg.embedding_dim, len(tasks), cfg)
+        self.use_beta = beta
+        self.no_history_weight = cfg.stan.no_history_weight
+        self.beta_state = BetaStageState(len(tasks), seed=seed)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        emb, x = self.embed(batch)
+        logits = self.heads(x, batch)
+        user = emb.index_select(1, self.user_positions)
+        preference = torch.sigmoid(self.preference(user))
+        aux = {"preference": preference}
+        if self.training:
+            if self.use_beta:
+                aux["gamma"] = self.beta_state.update_and_sample(
+                    batch.user_key, batch.event_time_ms, batch.example_id, preference, batch.mask
+                )
+            else:
+                aux["gamma"] = preference.detach()
+        return ModelOutput(logits, aux)
+
+    def loss(self, batch: Batch, out: ModelOutput) -> torch.Tensor:
+        """Per task: mean(γ · BCE) + mean(w · (l − ỹ)²) over real rows -> [T]."""
+        y = self.labels(batch)
+        pl = self.pseudo_labels(batch)
+        preference = out.aux["preference"]
+        gamma = out.aux.get("gamma", preference.detach())
+        history = torch.where(
+            batch.n_prev > 0,
+            torch.ones_like(batch.mask),
+            torch.full_like(batch.mask, self.no_history_weight),
+        )
+        losses = []
+        for k in range(len(self.tasks)):
+            bce = F.binary_cross_entropy_with_logits(out.logits[:, k], y[:, k], reduction="none")
+            mse = (pl[:, k] - preference[:, k]) ** 2
+            losses.append(
+                masked_mean(gamma[:, k] * bce, batch.mask) + masked_mean(history * mse, batch.mask)
+            )
+        return torch.stack(losses)

@@ -1,0 +1,754 @@
+"""The trainer behind ``torchrun -m jobs.train`` (and plain ``python -m jobs.train``).
+
+One process per rank: gloo on CPU, nccl on GPU. The embedding tables are sharded by TorchRec's
+planner (``DistributedModelParallel``; table-wise by default) and trained by an optimizer fused
+into their backward; the dense parameters are data-parallel and trained by Adam. Every rank
+reads its own users' rows (``model.data``), in time order, so STAN's per-user Beta state stays
+local to a rank.
+
+Outputs under ``output_dir``: ``checkpoints/step_<N>/`` (``torch.distributed.checkpoint``:
+sharded weights, optimizer states, and per rank the Beta state, data position and RNG states),
+``model.pt`` (the weights gathered into an unsharded model, with what is needed to rebuild it:
+:func:`load_trained`), ``metrics.json``, ``predictions_<split>.parquet`` and ``learning_curve.png``.
+Rank 0 alone logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from model.base import (
+    FeatureLayout,
+    MultiTaskModel,
+    MultiTaskTrain,
+    TaskConfig,
+    TaskType,
+    feature_layout,
+    task_configs,
+)
+from model.config import TrainConfig, check_against_spec
+from model.data import Batch, ExamplesLoader, make_loader
+from model.metrics import task_metrics
+from model.registry import build_model
+from model.stages import StageThresholds, fit_stage_thresholds
+from model.stan import STAN
+from pipelines.artifacts import Artifacts
+from pipelines.artifacts import load as load_artifacts
+from pipelines.build import Tables
+from pipelines.spec import FeatureSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "evaluate_unsharded", "load_trained", "train"]
+
+
+# ----------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """Join (or, without torchrun, create a one-process) process group: (rank, world, created)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if "RANK" not in os.environ:
+        os.environ.update(
+            {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        )
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- model setup
+@dataclass
+class ModelBundle:
+    """What rebuilds a model: its config, layout, tasks and (PLE_stage) stage thresholds."""
+
+    cfg: TrainConfig
+    spec: FeatureSpec
+    artifacts: Artifacts
+    layout: FeatureLayout
+    tasks: list[TaskConfig]
+    stage_thresholds: StageThresholds | None
+
+    def build(self) -> MultiTaskModel:
+        return build_model(
+            self.cfg.model,
+            self.layout,
+            self.tasks,
+            spec_tasks=[t.name for t in self.spec.tasks],
+            stage_thresholds=self.stage_thresholds,
+            seed=self.cfg.train.seed,
+        )
+
+
+def prepare(
+    cfg: TrainConfig, spec_overrides: list[str] | None = None, fit_stages: bool = True
+) -> ModelBundle:
+    """Load and check the spec, artifacts and config together (clear errors before training)."""
+    spec = load_spec(cfg.spec, overrides=spec_overrides or [])
+    check_against_spec(cfg, spec)
+    tables = Tables.for_spec(cfg.lake, spec)
+    if not Path(tables.artifacts).exists():
+        raise FileNotFoundError(
+            f"no fitted artifacts at {tables.artifacts}: run python -m jobs.build_features first"
+        )
+    artifacts = load_artifacts(tables.artifacts, spec, with_vocabs=False)
+    layout = feature_layout(spec, artifacts.vocab_sizes)
+    divisors = {t.name: float(artifacts.target_divisor(t.name)) for t in spec.tasks}
+    tasks = task_configs(spec, divisors, cfg.model.tasks)
+    thresholds = None
+    if cfg.model.name == "ple_stage" and fit_stages:
+        thresholds = fit_stage_thresholds(
+            tables.examples, spec, divisors, cfg.model.stage, cfg.table_version
+        )
+    return ModelBundle(cfg, spec, artifacts, layout, tasks, thresholds)
+
+
+def _sparse_optimizer(cfg: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    from torchrec.optim import RowWiseAdagrad
+
+    o = cfg.optim
+    if o.sparse == "rowwise_adagrad":
+        return RowWiseAdagrad, {"lr": o.sparse_lr, "eps": 1e-8}
+    if o.sparse == "adagrad":
+        return torch.optim.Adagrad, {"lr": o.sparse_lr, "eps": 1e-8}
+    if o.sparse == "adam":
+        return torch.optim.Adam, {"lr": o.sparse_lr, "betas": o.betas, "eps": o.eps}
+    return torch.optim.SGD, {"lr": o.sparse_lr}
+
+
+def shard(
+    train_module: MultiTaskTrain, cfg: TrainConfig, device: torch.device, world_size: int
+) -> tuple[nn.Module, Any]:
+    """DistributedModelParallel with the planner's plan, and the combined optimizer."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.types import ShardingEnv
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    opt_cls, opt_kwargs = _sparse_optimizer(cfg)
+    apply_optimizer_in_backward(opt_cls, train_module.model.sparse_arch.parameters(), opt_kwargs)
+    layout = train_module.model.layout
+    constraints = {
+        f"t_{table}": ParameterConstraints(sharding_types=[cfg.train.sharding])
+        for table in layout.tables
+    }
+    topology = Topology(
+        world_size=world_size,
+        compute_device=device.type,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+    )
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    pg = dist.GroupMember.WORLD
+    sharders = get_default_sharders()
+    plan = planner.collective_plan(train_module, sharders, pg)
+    dmp = DistributedModelParallel(
+        train_module,
+        env=ShardingEnv.from_process_group(pg),
+        device=device,
+        plan=plan,
+        sharders=sharders,
+    )
+    o = cfg.optim
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps),
+    )
+    # Adam's state is created lazily at its first step; a checkpoint can only be loaded in
+    # place into existing state tensors, so create it now (a zero-gradient step moves nothing).
+    dense.init_state()
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def _inner(dmp: nn.Module) -> MultiTaskModel:
+    for m in dmp.modules():
+        if isinstance(m, MultiTaskTrain):
+            return m.model
+    raise TypeError("no MultiTaskTrain inside the sharded module")
+
+
+def gather_state_dict(dmp: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The unsharded weights of the inner model on rank 0 (``None`` elsewhere); collective."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    rank = dist.get_rank()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in dmp.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=full)
+            tensor = full
+        elif isinstance(value, DTensor):
+            tensor = value.full_tensor().cpu()
+        else:
+            tensor = value.detach().cpu()
+        if rank == 0 and tensor is not None:
+            out[key.removeprefix("model.")] = tensor.clone()
+    return out if rank == 0 else None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(root.glob("step_*/.complete"), key=lambda p: int(p.parent.name[5:]))
+    return done[-1].parent if done else None
+
+
+def _save_checkpoint(
+    root: Path, step: int, dmp: nn.Module, optimizer: Any, extra: dict[str, Any]
+) -> Path:
+    rank = dist.get_rank()
+    path = root / f"step_{step}"
+    buf = io.BytesIO()
+    torch.save(extra, buf)
+    buf.seek(0)
+    state = {"model": dmp.state_dict(), "optim": optimizer.state_dict(), f"rank{rank}": buf}
+    dcp.save(state, checkpoint_id=str(path))
+    dist.barrier()
+    if rank == 0:
+        (path / ".complete").write_text(
+            json.dumps({"step": step, "world_size": dist.get_world_size()})
+        )
+        # keep the newest two complete checkpoints
+        complete = sorted(int(p.parent.name[5:]) for p in root.glob("step_*/.complete"))
+        for old in complete[:-2]:
+            shutil.rmtree(root / f"step_{old}", ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def _load_checkpoint(path: Path, dmp: nn.Module, optimizer: Any) -> dict[str, Any]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    meta = json.loads((path / ".complete").read_text())
+    if int(meta["world_size"]) != world:
+        raise ValueError(
+            f"checkpoint {path} was written by {meta['world_size']} processes, this run has "
+            f"{world}: users are sharded by rank, resume with the same --nproc-per-node"
+        )
+    state = {
+        "model": dmp.state_dict(),
+        "optim": optimizer.state_dict(),
+        f"rank{rank}": io.BytesIO(),
+    }
+    dcp.load(state, checkpoint_id=str(path))
+    dmp.load_state_dict(dict(state["model"]))
+    optimizer.load_state_dict(state["optim"])
+    extra = state[f"rank{rank}"]
+    if isinstance(extra, io.BytesIO):
+        extra.seek(0)
+        extra = torch.load(extra, weights_only=False)
+    return extra
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def _predict(
+    model_call: Any, loader: ExamplesLoader, device: torch.device, tasks: list[TaskConfig]
+) -> dict[str, np.ndarray]:
+    """Scores and targets of this rank's real rows: example_id, user_key, scores [n, T],
+    labels [n, T] (the [0, 1] targets)."""
+    index = torch.tensor([t.label_index for t in tasks])
+    parts: dict[str, list[np.ndarray]] = {
+        "example_id": [],
+        "user_key": [],
+        "scores": [],
+        "labels": [],
+    }
+    for batch in loader:
+        batch = batch.to(device, non_blocking=True)
+        scores = model_call(batch).float().cpu()
+        real = batch.mask.cpu() > 0
+        parts["example_id"].append(batch.example_id.cpu()[real].numpy())
+        parts["user_key"].append(batch.user_key.cpu()[real].numpy())
+        parts["scores"].append(scores[real].numpy())
+        parts["labels"].append(batch.labels.cpu()[real][:, index].numpy())
+    n_tasks = len(tasks)
+    return {
+        k: np.concatenate(v) if v else np.zeros((0, n_tasks) if k in ("scores", "labels") else 0)
+        for k, v in parts.items()
+    }
+
+
+def split_metrics(pred: dict[str, np.ndarray], tasks: list[TaskConfig], k: int) -> dict[str, float]:
+    """``<task>/<metric>`` for every task: AUC, GAUC, NDCG@k, LogLoss on the split's rows.
+
+    Dwell tasks: AUC / GAUC / LogLoss on the binarised target (bin in the upper half, i.e. soft
+    target > 0.5), NDCG with the bin index as graded relevance. A metric that is undefined on
+    these rows (one class only) is left out with a warning.
+    """
+    out: dict[str, float] = {}
+    for i, task in enumerate(tasks):
+        y = pred["labels"][:, i]
+        if task.task_type != TaskType.BINARY:
+            continue
+        relevance = np.rint(y * task.divisor) if task.is_dwell else None
+        binary = (y > 0.5).astype(np.float64) if task.is_dwell else y
+        try:
+            m = task_metrics(
+                binary, pred["scores"][:, i], pred["user_key"], k=k, relevance=relevance
+            )
+        except ValueError as err:
+            log.warning("task %s: metrics undefined on these rows (%s)", task.name, err)
+            continue
+        out.update({f"{task.name}/{name}": float(v) for name, v in m.items()})
+    return out
+
+
+def _gather_predictions(local: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    world = dist.get_world_size()
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, local)
+    if dist.get_rank() != 0:
+        return None
+    return {k: np.concatenate([p[k] for p in parts]) for k in local}
+
+
+def _write_predictions(path: Path, pred: dict[str, np.ndarray], tasks: list[TaskConfig]) -> None:
+    cols = {"example_id": pred["example_id"], "user_key": pred["user_key"]}
+    for i, t in enumerate(tasks):
+        cols[f"score_{t.name}"] = pred["scores"][:, i]
+        cols[f"target_{t.name}"] = pred["labels"][:, i]
+    order = np.argsort(pred["example_id"], kind="stable")
+    pq.write_table(pa.table({k: v[order] for k, v in cols.items()}), path)
+
+
+# ----------------------------------------------------------------------------- logging
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class _Tracker:
+    """MLflow on rank 0 (a no-op elsewhere or when disabled)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int) -> None:
+        self.active = rank == 0 and cfg.mlflow.enabled
+        self.run_id: str | None = None
+        if not self.active:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        mc = cfg.mlflow
+        mlflow.set_tracking_uri(mc.tracking_uri)
+        exp = mlflow.get_experiment_by_name(mc.experiment)
+        if exp is None:
+            location = Path(mc.artifact_location).resolve().as_uri()
+            mlflow.create_experiment(mc.experiment, artifact_location=location)
+        mlflow.set_experiment(mc.experiment)
+        run = mlflow.start_run(run_name=mc.run_name or cfg.model.name)
+        self.run_id = run.info.run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        if self.active:
+            items = {k: str(v)[:500] for k, v in params.items()}
+            keys = sorted(items)
+            for i in range(0, len(keys), 100):
+                self.mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        if self.active:
+            clean = {k.replace("@", "_at_"): v for k, v in values.items() if math.isfinite(v)}
+            self.mlflow.log_metrics(clean, step=step)
+
+    def artifact(self, path: Path) -> None:
+        if self.active:
+            self.mlflow.log_artifact(str(path))
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self.mlflow.end_run(status=status)
+
+
+def _plot_curve(history: list[dict[str, float]], path: Path, tasks: list[TaskConfig]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], label="total", lw=2)
+    for t in tasks:
+        ax.plot(steps, [h[f"loss/{t.name}"] for h in history], label=t.name, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean over ranks)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_id: str | None = None
+    table_version: int | None = None
+    samples_per_s: float = 0.0
+    rank: int = 0
+
+
+def _progress(total: int, rank: int) -> Any:
+    if rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="batch",
+        dynamic_ncols=True,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        file=sys.stderr,
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: TrainConfig, spec_overrides: list[str] | None = None) -> TrainResult:
+    """Train ``cfg.model.name`` on the examples table; see the module docstring."""
+    device = _device(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda" and cfg.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # Everything that can fail on bad input fails here, before the process group starts.
+    bundle = prepare(cfg, spec_overrides)
+    rank, world, created = init_distributed(device)
+    tracker: _Tracker | None = None
+    try:
+        tracker = _Tracker(cfg, rank)
+        result = _train(cfg, bundle, device, rank, world, tracker)
+        tracker.end()
+        return result
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig,
+    bundle: ModelBundle,
+    device: torch.device,
+    rank: int,
+    world: int,
+    tracker: _Tracker,
+) -> TrainResult:
+    tc = cfg.train
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    tables = Tables.for_spec(cfg.lake, bundle.spec)
+
+    def loader(split: str, batch_size: int) -> ExamplesLoader:
+        return make_loader(
+            tables.examples,
+            bundle.spec,
+            bundle.artifacts,
+            split,
+            batch_size,
+            rank=rank,
+            world_size=world,
+            version=version,
+            num_workers=tc.num_workers,
+            pin_memory=device.type == "cuda",
+            pseudo_labels=cfg.model.pseudo_labels,
+        )
+
+    version = cfg.table_version
+    train_loader = loader("train", tc.batch_size)
+    version = train_loader.dataset.version  # pinned: the eval splits read the same snapshot
+    if train_loader.dataset.num_batches == 0:
+        raise ValueError(f"{tables.examples} (version {version}) has no train rows")
+    eval_loaders = {s: loader(s, tc.eval_batch_size) for s in tc.eval_splits}
+
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    model = bundle.build()
+    dmp, optimizer = shard(MultiTaskTrain(model), cfg, device, world)
+    inner = _inner(dmp)
+    beta_state = inner.beta_state if isinstance(inner, STAN) and inner.use_beta else None
+    if beta_state is not None:
+        beta_state.to(device)
+
+    steps_per_epoch = train_loader.dataset.num_batches
+    total_steps = steps_per_epoch * tc.epochs
+    if tc.max_steps is not None:
+        total_steps = min(total_steps, tc.max_steps)
+    step, epoch, in_epoch = 0, 0, 0
+    history: list[dict[str, float]] = []
+    resume_from = _latest_checkpoint(ckpt_root) if tc.resume else None
+    if resume_from is not None:
+        extra = _load_checkpoint(resume_from, dmp, optimizer)
+        step, epoch, in_epoch = extra["step"], extra["epoch"], extra["in_epoch"]
+        history = extra["history"]
+        if beta_state is not None:
+            beta_state.load_state_dict(extra["beta_state"])
+        _set_rng_state(extra["rng"])
+        if rank == 0:
+            log.info("resumed from %s (step %d, epoch %d)", resume_from, step, epoch)
+
+    params = _flatten(cfg.model_dump(mode="json"))
+    params.update(
+        {
+            "data.table_version": version,
+            "data.world_size": world,
+            "data.train_rows": sum(train_loader.dataset.rows_per_rank),
+            "data.steps_per_epoch": steps_per_epoch,
+        }
+    )
+    if step == 0:
+        tracker.params(params)
+    if rank == 0:
+        log.info(
+            "training %s on %s (version %d): %d train rows, %d ranks, %d steps of %d",
+            cfg.model.name,
+            tables.examples,
+            version,
+            params["data.train_rows"],
+            world,
+            total_steps,
+            tc.batch_size,
+        )
+
+    def checkpoint() -> None:
+        extra = {
+            "step": step,
+            "epoch": epoch,
+            "in_epoch": in_epoch,
+            "history": history,
+            "beta_state": beta_state.state_dict() if beta_state is not None else None,
+            "rng": _rng_state(),
+            "data": train_loader.state_dict(),
+        }
+        _save_checkpoint(ckpt_root, step, dmp, optimizer, extra)
+
+    bar = _progress(total_steps, rank)
+    if bar is not None:
+        bar.update(step)
+    dmp.train()
+    samples_seen = 0.0
+    t_start = time.perf_counter()
+    window_loss = torch.zeros(len(bundle.tasks) + 1)
+    window_steps = 0
+    while step < total_steps and epoch < tc.epochs:
+        train_loader.dataset.set_epoch(epoch)
+        if in_epoch:
+            train_loader.load_state_dict({**train_loader.state_dict(), "batches_yielded": in_epoch})
+        elif beta_state is not None:
+            beta_state.reset()  # each epoch replays the chronology from the start
+        for batch in _device_batches(train_loader, device):
+            optimizer.zero_grad()
+            loss, (per_task, _, _) = dmp(batch)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            in_epoch += 1
+            samples_seen += float(batch.mask.sum())
+            window_loss += torch.cat([loss.detach().reshape(1), per_task]).float().cpu()
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+            if step % tc.log_every == 0 or step == total_steps:
+                mean = window_loss / window_steps
+                dist.all_reduce(mean)
+                mean /= world
+                entry = {"step": float(step), "loss": float(mean[0])}
+                entry.update(
+                    {f"loss/{t.name}": float(mean[i + 1]) for i, t in enumerate(bundle.tasks)}
+                )
+                history.append(entry)
+                tracker.metrics({k: v for k, v in entry.items() if k != "step"}, step=step)
+                window_loss.zero_()
+                window_steps = 0
+                if bar is not None:
+                    rate = samples_seen * world / max(time.perf_counter() - t_start, 1e-9)
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}", samples_s=f"{rate:,.0f}")
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                checkpoint()
+                if tc.crash_after_step is not None and step >= tc.crash_after_step:
+                    log.error("crash_after_step=%d: exiting hard (test hook)", step)
+                    sys.stderr.flush()
+                    os._exit(17)
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+            in_epoch = 0
+            continue
+        if in_epoch >= steps_per_epoch:
+            epoch += 1
+            in_epoch = 0
+        break
+    elapsed = time.perf_counter() - t_start
+    if bar is not None:
+        bar.close()
+    rate_t = torch.tensor([samples_seen])
+    dist.all_reduce(rate_t)
+    samples_per_s = float(rate_t[0]) / max(elapsed, 1e-9)
+    if not tc.checkpoint_every or step % tc.checkpoint_every:
+        checkpoint()
+
+    # ---- evaluation (sharded model) and the gathered unsharded weights
+    dmp.eval()
+    metrics: dict[str, float] = {"train/samples_per_s": samples_per_s}
+
+    def scores(batch: Batch) -> torch.Tensor:
+        return torch.sigmoid(dmp(batch)[1][1])
+
+    for split, ev in eval_loaders.items():
+        pred = _gather_predictions(_predict(scores, ev, device, bundle.tasks))
+        if rank == 0 and pred is not None:
+            _write_predictions(out_dir / f"predictions_{split}.parquet", pred, bundle.tasks)
+            m = split_metrics(pred, bundle.tasks, tc.ndcg_k)
+            metrics.update({f"{split}/{k}": v for k, v in m.items()})
+    weights = gather_state_dict(dmp)
+    result = TrainResult(
+        output_dir=str(out_dir),
+        steps=step,
+        metrics=metrics,
+        history=history,
+        run_id=tracker.run_id,
+        table_version=version,
+        samples_per_s=samples_per_s,
+        rank=rank,
+    )
+    if rank == 0:
+        assert weights is not None
+        torch.save(
+            {
+                "state_dict": weights,
+                "config": cfg.model_dump(mode="json"),
+                "tasks": [asdict(t) | {"task_type": t.task_type.value} for t in bundle.tasks],
+                "stage_thresholds": asdict(bundle.stage_thresholds)
+                if bundle.stage_thresholds
+                else None,
+                "table_version": version,
+                "steps": step,
+            },
+            out_dir / "model.pt",
+        )
+        (out_dir / "metrics.json").write_text(
+            json.dumps({"steps": step, "table_version": version, "metrics": metrics}, indent=2)
+        )
+        tracker.metrics(metrics)
+        if history:
+            _plot_curve(history, out_dir / "learning_curve.png", bundle.tasks)
+            tracker.artifact(out_dir / "learning_curve.png")
+        tracker.artifact(out_dir / "metrics.json")
+        _log_metrics_table(metrics)
+    dist.barrier()
+    return result
+
+
+def _device_batches(loader: ExamplesLoader, device: torch.device) -> Iterator[Batch]:
+    for batch in loader:
+        yield batch if device.type == "cpu" else batch.to(device, non_blocking=True)
+
+
+def _log_metrics_table(metrics: dict[str, float]) -> None:
+    for key in sorted(metrics):
+        log.info("%-32s %.5f", key, metrics[key])
+
+
+# ----------------------------------------------------------------------------- reloading
+def load_trained(
+    output_dir: str | Path, spec_overrides: list[str] | None = None, lake: str | None = None
+) -> tuple[MultiTaskModel, ModelBundle]:
+    """The unsharded model of a finished run (``model.pt``), in eval mode, on CPU."""
+    saved = torch.load(Path(output_dir) / "model.pt", weights_only=False)
+    cfg = TrainConfig.model_validate(saved["config"])
+    if lake is not None:
+        cfg = cfg.model_copy(update={"lake": lake})
+    cfg = cfg.model_copy(update={"table_version": saved["table_version"]})
+    bundle = prepare(cfg, spec_overrides, fit_stages=False)
+    if saved["stage_thresholds"] is not None:
+        bundle.stage_thresholds = StageThresholds(**saved["stage_thresholds"])
+    model = bundle.build()
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    return model, bundle
+
+
+@torch.no_grad()
+def evaluate_unsharded(
+    model: MultiTaskModel, bundle: ModelBundle, split: str, batch_size: int = 4096
+) -> dict[str, np.ndarray]:
+    """Predictions of an unsharded model on a split (one process), as :func:`_predict`."""
+    tables = Tables.for_spec(bundle.cfg.lake, bundle.spec)
+    loader = make_loader(
+        tables.examples,
+        bundle.spec,
+        bundle.artifacts,
+        split,
+        batch_size,
+        version=bundle.cfg.table_version,
+        pseudo_labels=bundle.cfg.model.pseudo_labels,
+    )
+    return _predict(model.scores, loader, torch.device("cpu"), bundle.tasks)
