@@ -105,6 +105,7 @@ class ModelBundle:
     layout: FeatureLayout
     tasks: list[TaskConfig]
     stage_thresholds: StageThresholds | None
+    spec_overrides: list[str] = field(default_factory=list)
 
     def build(self) -> MultiTaskModel:
         return build_model(
@@ -137,7 +138,7 @@ def prepare(
         thresholds = fit_stage_thresholds(
             tables.examples, spec, divisors, cfg.model.stage, cfg.table_version
         )
-    return ModelBundle(cfg, spec, artifacts, layout, tasks, thresholds)
+    return ModelBundle(cfg, spec, artifacts, layout, tasks, thresholds, list(spec_overrides or []))
 
 
 def _sparse_optimizer(cfg: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
@@ -685,6 +686,7 @@ def _train(
             {
                 "state_dict": weights,
                 "config": cfg.model_dump(mode="json"),
+                "spec_overrides": bundle.spec_overrides,
                 "tasks": [asdict(t) | {"task_type": t.task_type.value} for t in bundle.tasks],
                 "stage_thresholds": asdict(bundle.stage_thresholds)
                 if bundle.stage_thresholds
@@ -695,7 +697,16 @@ def _train(
             out_dir / "model.pt",
         )
         (out_dir / "metrics.json").write_text(
-            json.dumps({"steps": step, "table_version": version, "metrics": metrics}, indent=2)
+            json.dumps(
+                {
+                    "steps": step,
+                    "table_version": version,
+                    "run_id": tracker.run_id,
+                    "metrics": metrics,
+                    "history": history,
+                },
+                indent=1,
+            )
         )
         tracker.metrics(metrics)
         if history:
@@ -727,6 +738,8 @@ def load_trained(
     if lake is not None:
         cfg = cfg.model_copy(update={"lake": lake})
     cfg = cfg.model_copy(update={"table_version": saved["table_version"]})
+    if spec_overrides is None:
+        spec_overrides = saved.get("spec_overrides", [])
     bundle = prepare(cfg, spec_overrides, fit_stages=False)
     if saved["stage_thresholds"] is not None:
         bundle.stage_thresholds = StageThresholds(**saved["stage_thresholds"])

@@ -1,0 +1,203 @@
+"""The ranking models: shapes, forward/backward, gates, and the STAN loss against a hand
+computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model.base import MultiTaskTrain
+from model.blocks import CGCLayer, MMoELayer
+from model.config import MODEL_NAMES, ModelConfig, load_train_config
+from model.registry import build_model
+from model.stages import StageThresholds
+from model.stan import STAN
+from tests.model_fixtures import random_batch, tiny_layout, tiny_tasks
+
+SPEC_TASKS = ["click", "dwell", "like"]
+
+
+def _cfg(name: str, **kw) -> ModelConfig:
+    base = {
+        "embedding_dim": 8,
+        "bottom_hidden": [16, 8],
+        "expert_hidden": [16, 8],
+        "tower_hidden": [8],
+        "mmoe_experts": 3,
+        "ple": {"layers": 2, "task_experts": 2, "shared_experts": 2},
+        "stan": {"preference_hidden": [8], "heads": 2},
+        "stage": {"ctr_task": "click", "dwell_task": "dwell", "conversion_task": "like"},
+    }
+    return ModelConfig(name=name, **(base | kw))
+
+
+def _model(name: str, **kw):
+    torch.manual_seed(0)
+    return build_model(
+        _cfg(name, **kw),
+        tiny_layout(),
+        tiny_tasks(),
+        spec_tasks=SPEC_TASKS,
+        stage_thresholds=StageThresholds(0.5, 0.4, 0.1),
+    )
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_backward_shapes(name: str) -> None:
+    model = _model(name)
+    train = MultiTaskTrain(model)
+    batch = random_batch(tiny_layout(), 16, n_pad=3)
+    loss, (per_task, logits, labels) = train(batch)
+    assert loss.shape == () and torch.isfinite(loss)
+    assert per_task.shape == (3,) and logits.shape == (16, 3) and labels.shape == (16, 3)
+    assert torch.allclose(loss.detach(), per_task.sum())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads), "every parameter takes part in the loss"
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    # the embedding tables get gradients too
+    assert model.sparse_arch.ebc.embedding_bags["t_user_id"].weight.grad is not None
+    model.eval()
+    scores = model.scores(batch)
+    assert scores.shape == (16, 3) and bool(((scores >= 0) & (scores <= 1)).all())
+
+
+@pytest.mark.parametrize("name", ["mlp_single", "mlp_shared", "mmoe", "ple", "aitm"])
+def test_each_tower_outputs_one_logit_per_sample(name: str) -> None:
+    model = _model(name)
+    _, x = model.embed(random_batch(tiny_layout(), 7))
+    for tower in model.towers:
+        width = tower.mlp[0].in_features
+        assert tower(torch.randn(7, width)).shape == (7,)
+    assert model.heads(x, random_batch(tiny_layout(), 7)).shape == (7, 3)
+
+
+def test_padding_rows_change_nothing() -> None:
+    """Losses weight rows by mask: changing a padding row's inputs and labels leaves them."""
+    model = _model("ple")
+    a = random_batch(tiny_layout(), 12, n_pad=4, seed=3)
+    b = random_batch(tiny_layout(), 12, n_pad=4, seed=3)
+    b.labels[-4:] = 1.0
+    b.dense_features[-4:] = 100.0
+    torch.testing.assert_close(model.loss(a, model(a)), model.loss(b, model(b)))
+
+
+def test_mmoe_and_cgc_gates_sum_to_one() -> None:
+    x = torch.randn(9, 6)
+    mmoe = MMoELayer(6, n_tasks=3, n_experts=4, hidden=[5])
+    outs = mmoe(x)
+    assert [o.shape for o in outs] == [(9, 5)] * 3
+    for w in mmoe.last_gates:
+        assert w.shape == (9, 4)
+        torch.testing.assert_close(w.sum(1), torch.ones(9))
+    cgc = CGCLayer(6, n_tasks=3, task_experts=2, shared_experts=3, hidden=[5], last=False)
+    outs = cgc([x] * 4)
+    assert len(outs) == 4 and all(o.shape == (9, 5) for o in outs)
+    widths = [w.shape[1] for w in cgc.last_gates]
+    assert widths == [5, 5, 5, 3 * 2 + 3]  # own + shared experts; the shared gate sees all
+    for w in cgc.last_gates:
+        torch.testing.assert_close(w.sum(1), torch.ones(9))
+    last = CGCLayer(6, n_tasks=3, task_experts=2, shared_experts=3, hidden=[5], last=True)
+    assert len(last([x] * 4)) == 3
+
+
+def test_ple_gate_mixture_is_the_weighted_sum_of_experts() -> None:
+    torch.manual_seed(1)
+    cgc = CGCLayer(4, n_tasks=2, task_experts=1, shared_experts=2, hidden=[3], last=True)
+    x = torch.randn(5, 4)
+    out = cgc([x, x, x])
+    experts = torch.cat([cgc.task_experts[0](x), cgc.shared_experts(x)], dim=1)  # [B, 3, H]
+    w = torch.softmax(cgc.task_gates[0](x), dim=1)
+    torch.testing.assert_close(out[0], (w.unsqueeze(-1) * experts).sum(1))
+
+
+def test_stan_loss_is_gamma_bce_plus_mse() -> None:
+    """L = Σ_k mean(γ_k · BCE_k) + mean(w · (l_k − ỹ_k)²) over real rows, by hand."""
+    model = _model("stan", **{})
+    model.no_history_weight = 0.25
+    batch = random_batch(tiny_layout(), 10, n_pad=2, seed=5)
+    model.train()
+    out = model(batch)
+    gamma, pref = out.aux["gamma"], out.aux["preference"]
+    real = batch.mask > 0
+    expected = []
+    for k in range(3):
+        bce = F.binary_cross_entropy_with_logits(
+            out.logits[real, k], batch.labels[real, k], reduction="none"
+        )
+        w = torch.where(batch.n_prev[real] > 0, 1.0, 0.25)
+        mse = w * (batch.pseudo_labels[real, k] - pref[real, k]) ** 2
+        expected.append((gamma[real, k] * bce).mean() + mse.mean())
+    torch.testing.assert_close(model.loss(batch, out), torch.stack(expected))
+    assert not gamma.requires_grad
+    assert bool((gamma[~real] == 0).all())
+
+
+def test_gamma_carries_no_gradient_into_the_preference_module() -> None:
+    """With the MSE term removed, the preference module gets no gradient at all: γ is a
+    detached sample (otherwise the model could lower its loss by pushing ỹ down)."""
+    for name in ("stan", "stan_no_beta"):
+        model = _model(name)
+        batch = random_batch(tiny_layout(), 10, seed=6)
+        batch.pseudo_labels.zero_()
+        model.train()
+        out = model(batch)
+        out.aux["preference"] = out.aux["preference"].detach()  # drop the MSE path
+        sum(model.loss(batch, out)).backward()
+        for p in model.preference.parameters():
+            assert p.grad is None or float(p.grad.abs().sum()) == 0.0, name
+
+
+def test_stan_without_beta_weights_by_the_preference() -> None:
+    model = _model("stan_no_beta")
+    batch = random_batch(tiny_layout(), 10, seed=7)
+    model.train()
+    out = model(batch)
+    torch.testing.assert_close(out.aux["gamma"], out.aux["preference"].detach())
+    assert len(model.beta_state) == 0  # no Beta state is kept
+
+
+def test_stan_eval_does_not_touch_the_beta_state() -> None:
+    model = _model("stan")
+    batch = random_batch(tiny_layout(), 10, seed=8)
+    model.eval()
+    model(batch)
+    assert len(model.beta_state) == 0
+    model.train()
+    model(batch)
+    assert len(model.beta_state) == len(torch.unique(batch.user_key))
+
+
+@pytest.mark.parametrize("f", ["self_attention", "dnn"])
+def test_stan_preference_functions(f: str) -> None:
+    model = _model("stan", stan={"f": f, "preference_hidden": [8], "heads": 2})
+    user = torch.randn(4, 3, 8)
+    assert model.preference.represent(user).shape == (4, 3, 8)
+    assert model.preference(user).shape == (4, 3)
+
+
+def test_ple_stage_appends_the_stage_of_the_pseudo_labels() -> None:
+    model = _model("ple_stage")
+    batch = random_batch(tiny_layout(), 6, seed=9)
+    batch.n_prev[:] = torch.tensor([0, 5, 5, 5, 5, 5])
+    # (ctr, dwell, like) pseudo-labels vs thresholds (0.5, 0.4, 0.1)
+    batch.pseudo_labels[:] = torch.tensor(
+        [[0.9, 0.9, 0.9], [0.2, 0.9, 0.9], [0.8, 0.1, 0.9], [0.8, 0.9, 0.0], [0.8, 0.9, 0.5],
+         [0.5, 0.9, 0.5]]
+    )  # fmt: skip
+    assert model.stages(batch).tolist() == [0, 0, 1, 2, 3, 0]
+
+
+def test_unknown_model_name_is_rejected() -> None:
+    with pytest.raises(ValueError, match="model.name"):
+        load_train_config(None, ["model.name=dlrm"])
+
+
+def test_stan_heads_must_divide_the_embedding_dim() -> None:
+    with pytest.raises(ValueError, match="model.stan.heads"):
+        _model("stan", stan={"heads": 3})
+
+
+def test_stan_is_a_ple() -> None:
+    assert isinstance(_model("stan"), STAN)

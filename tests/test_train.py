@@ -1,0 +1,248 @@
+"""The trainer end to end on the real KuaiRand examples (every 16th user, 14 days): a
+2-process ``torchrun`` on CPU (gloo) with table-wise sharding, the gathered unsharded model,
+kill-and-resume, MLflow logging, and the errors for bad input before training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from deltalake import DeltaTable, write_deltalake
+
+from model.config import load_train_config
+from model.data import ExamplesTableError
+from model.stages import fit_stage_thresholds
+from model.trainer import evaluate_unsharded, load_trained, prepare, train
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 240
+CKPT_EVERY = 80
+
+
+def _args(lake: dict, out: Path, *extra: str) -> list[str]:
+    args = [
+        f"lake={lake['lake']}",
+        f"output_dir={out}",
+        "model.name=stan",
+        "model.embedding_dim=8",
+        "model.expert_hidden=[32,16]",
+        "model.tower_hidden=[16]",
+        "model.stan.preference_hidden=[16]",
+        "train.batch_size=64",
+        f"train.max_steps={STEPS}",
+        "train.epochs=3",
+        "train.log_every=20",
+        f"train.checkpoint_every={CKPT_EVERY}",
+        "train.threads=1",
+        "train.eval_splits=[valid,test]",
+        f"mlflow.tracking_uri=sqlite:///{out.parent}/mlflow.db",
+        f"mlflow.artifact_location={out.parent}/mlartifacts",
+        *extra,
+    ]
+    cmd = []
+    for a in args:
+        cmd += ["--set", a]
+    for o in lake["spec_overrides"]:
+        cmd += ["--spec-set", o]
+    return cmd
+
+
+def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(nproc), "-m", "jobs.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(kuairand_train_lake, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "run"
+    proc = _torchrun(_args(kuairand_train_lake, out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_loss_decreases(uninterrupted: Path) -> None:
+    history = json.loads((uninterrupted / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(20, STEPS + 1, 20))
+    first = np.mean([h["loss"] for h in history[:2]])
+    last = np.mean([h["loss"] for h in history[-3:]])
+    assert last < 0.9 * first, (first, last)
+    for task in ("click", "dwell", "like", "long_view", "follow"):
+        assert history[-1][f"loss/{task}"] < history[0][f"loss/{task}"]
+
+
+def test_metrics_on_valid_and_test(uninterrupted: Path) -> None:
+    metrics = json.loads((uninterrupted / "metrics.json").read_text())["metrics"]
+    for split in ("valid", "test"):
+        # the model learnt something: click and long view rank above chance
+        assert metrics[f"{split}/click/auc"] > 0.6
+        assert metrics[f"{split}/long_view/auc"] > 0.6
+        for m in ("gauc", "ndcg@5", "logloss", "n"):
+            assert f"{split}/click/{m}" in metrics
+
+
+def test_sharded_predictions_equal_the_gathered_unsharded_model(
+    uninterrupted: Path, kuairand_train_lake
+) -> None:
+    model, bundle = load_trained(uninterrupted)
+    mine = evaluate_unsharded(model, bundle, "test")
+    theirs = pq.read_table(uninterrupted / "predictions_test.parquet").to_pandas()
+    order = np.argsort(mine["example_id"])
+    assert (
+        len(theirs)
+        == len(order)
+        == DeltaTable(kuairand_train_lake["lake"] + "/kuairand/examples")
+        .to_pyarrow_dataset()
+        .count_rows(filter=pc.field("split") == "test")
+    )
+    np.testing.assert_array_equal(mine["example_id"][order], theirs["example_id"].to_numpy())
+    for i, task in enumerate(bundle.tasks):
+        np.testing.assert_allclose(
+            mine["scores"][order, i], theirs[f"score_{task.name}"].to_numpy(), atol=1e-5
+        )
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(
+    uninterrupted: Path, kuairand_train_lake, tmp_path
+) -> None:
+    out = tmp_path / "run"
+    crash = _torchrun(_args(kuairand_train_lake, out, f"train.crash_after_step={2 * CKPT_EVERY}"))
+    assert crash.returncode != 0
+    assert "crash_after_step" in crash.stderr
+    assert not (out / "model.pt").exists()
+    resumed = _torchrun(_args(kuairand_train_lake, out))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {out}/checkpoints/step_{2 * CKPT_EVERY}" in resumed.stderr
+    a = torch.load(uninterrupted / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    ha = json.loads((uninterrupted / "metrics.json").read_text())["history"]
+    hb = json.loads((out / "metrics.json").read_text())["history"]
+    assert ha == hb
+
+
+def test_rank_zero_logged_to_mlflow(uninterrupted: Path) -> None:
+    run_id = json.loads((uninterrupted / "metrics.json").read_text())["run_id"]
+    db = sqlite3.connect(uninterrupted.parent / "mlflow.db")
+    params = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)))
+    assert params["model.name"] == "stan" and params["data.world_size"] == "2"
+    assert params["data.table_version"] == "0"
+    steps = db.execute(
+        "select step from metrics where run_uuid=? and key='loss/click' order by step", (run_id,)
+    ).fetchall()
+    assert [s for (s,) in steps] == list(range(20, STEPS + 1, 20))
+    keys = {k for (k,) in db.execute("select key from latest_metrics where run_uuid=?", (run_id,))}
+    assert {"test/click/auc", "valid/dwell/ndcg_at_5", "train/samples_per_s"} <= keys
+    # one run only: rank 1 logged nothing
+    assert db.execute("select count(*) from runs").fetchone()[0] == 1
+
+
+def test_plain_python_single_process(kuairand_train_lake, tmp_path) -> None:
+    out = tmp_path / "ple"
+    args = _args(kuairand_train_lake, out, "model.name=ple_stage", "train.max_steps=30")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.train", *args, "--set", "mlflow.enabled=false"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["steps"] == 30 and "test/click/auc" in summary["metrics"]
+    model, _ = load_trained(out)
+    assert model.stage_thresholds.shape == (3,)
+
+
+def test_stage_thresholds_are_medians_of_training_window_user_rates(kuairand_train_lake) -> None:
+    spec = kuairand_train_lake["spec"]
+    path = kuairand_train_lake["lake"] + "/kuairand/examples"
+    df = DeltaTable(path).to_pandas()
+    train_rows = df[df["split"] == "train"]
+    cfg = load_train_config(None)
+    divisor = float(df["label_dwell_bin"].max())  # bins 0..n-1 all occur in the slice
+    thr = fit_stage_thresholds(path, spec, {"dwell": divisor}, cfg.model.stage)
+    per_user = train_rows.groupby("user_id")
+    assert thr.ctr == pytest.approx(per_user["label_click"].mean().median())
+    assert thr.dwell == pytest.approx(per_user["label_dwell_bin"].mean().median() / divisor)
+    assert thr.conversion == pytest.approx(per_user["label_like"].mean().median())
+
+
+# ----------------------------------------------------------------------------- bad input
+def _cfg(lake: dict, tmp_path: Path, *extra: str):
+    return load_train_config(
+        REPO / "conf" / "train.yaml",
+        [
+            f"lake={lake['lake']}",
+            f"output_dir={tmp_path / 'out'}",
+            "mlflow.enabled=false",
+            "train.max_steps=2",
+            *extra,
+        ],
+    )
+
+
+def test_config_naming_a_missing_task_or_feature(kuairand_train_lake, tmp_path) -> None:
+    ov = kuairand_train_lake["spec_overrides"]
+    with pytest.raises(ValueError, match=r"model.tasks: 'watch' is not a task"):
+        prepare(_cfg(kuairand_train_lake, tmp_path, "model.tasks=[click,watch]"), ov)
+    with pytest.raises(ValueError, match=r"model.stan.user_features: 'age'"):
+        prepare(_cfg(kuairand_train_lake, tmp_path, "model.stan.user_features=[age]"), ov)
+    with pytest.raises(ValueError, match=r"model.stage.conversion_task: task 'buy'"):
+        prepare(_cfg(kuairand_train_lake, tmp_path, "model.stage.conversion_task=buy"), ov)
+    # the CLI turns them into exit code 2 with the message, before any process group starts
+    args = _args(kuairand_train_lake, tmp_path / "x", "model.tasks=[watch]")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.train", *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "model.tasks: 'watch' is not a task" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def _broken_lake(lake: dict, tmp_path: Path, edit) -> str:
+    """A copy of the lake whose examples table is rewritten through ``edit(DataFrame)``."""
+    import shutil
+
+    src = Path(lake["lake"]) / "kuairand"
+    dst = tmp_path / "lake" / "kuairand"
+    shutil.copytree(src / "artifacts", dst / "artifacts")
+    df = DeltaTable(str(src / "examples")).to_pandas()
+    write_deltalake(str(dst / "examples"), edit(df), partition_by=["date"])
+    return str(tmp_path / "lake")
+
+
+def test_table_without_a_needed_column(kuairand_train_lake, tmp_path) -> None:
+    bad = _broken_lake(kuairand_train_lake, tmp_path, lambda d: d.drop(columns=["pl_like"]))
+    cfg = _cfg({**kuairand_train_lake, "lake": bad}, tmp_path)
+    with pytest.raises(ExamplesTableError, match=r"has no column 'pl_like'"):
+        train(cfg, kuairand_train_lake["spec_overrides"])
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_nan_labels_are_refused_before_training(kuairand_train_lake, tmp_path) -> None:
+    def nan_label(df: pd.DataFrame) -> pd.DataFrame:
+        df = df.copy()
+        df["label_click"] = df["label_click"].astype("float64")
+        df.loc[df.index[5], "label_click"] = np.nan
+        return df
+
+    bad = _broken_lake(kuairand_train_lake, tmp_path, nan_label)
+    cfg = _cfg({**kuairand_train_lake, "lake": bad}, tmp_path)
+    with pytest.raises(ExamplesTableError, match=r"label_click"):
+        train(cfg, kuairand_train_lake["spec_overrides"])
+    assert not (tmp_path / "out" / "checkpoints").exists()
