@@ -117,6 +117,8 @@ class TrainLoopConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # table_wise on CPU; row_wise / column_wise also allowed on CUDA
     sharding: Literal["table_wise", "row_wise", "column_wise", "data_parallel"] = "table_wise"
+    # CUDA step: TorchRec's TrainPipelineSparseDist (auto) or a plain loop (simple)
+    pipeline: Literal["auto", "sparse_dist", "simple"] = "auto"
     # TF32 matmuls on CUDA (fp32 otherwise)
     tf32: bool = False
     # torch intra-op threads per process (0: torch's default)

@@ -68,6 +68,29 @@ class UserPreference(nn.Module):
         return torch.stack(logits, dim=1)
 
 
+class LatentStage(nn.Module):
+    """Holds the per-user :class:`BetaStageState` (no parameters, no buffers: DDP must not
+    broadcast it, each rank owns its users). A module of its own so that TorchRec's pipeline
+    tracer treats it as a leaf and runs its data-dependent update eagerly.
+
+    Call: (user_key, event_time_ms, example_id [B], preference ỹ [B, T], mask [B]) -> γ [B, T].
+    """
+
+    def __init__(self, n_tasks: int, seed: int) -> None:
+        super().__init__()
+        self.state = BetaStageState(n_tasks, seed=seed)
+
+    def forward(
+        self,
+        user_key: torch.Tensor,
+        event_time_ms: torch.Tensor,
+        example_id: torch.Tensor,
+        preference: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.state.update_and_sample(user_key, event_time_ms, example_id, preference, mask)
+
+
 class STAN(PLE):
     """PLE backbone + user preference learning + latent stage (Beta) weighting.
 
@@ -95,7 +118,11 @@ class STAN(PLE):
         self.preference = UserPreference(len(self.user_keys), cfg.embedding_dim, len(tasks), cfg)
         self.use_beta = beta
         self.no_history_weight = cfg.stan.no_history_weight
-        self.beta_state = BetaStageState(len(tasks), seed=seed)
+        self.latent_stage = LatentStage(len(tasks), seed)
+
+    @property
+    def beta_state(self) -> BetaStageState:
+        return self.latent_stage.state
 
     def forward(self, batch: Batch) -> ModelOutput:
         emb, x = self.embed(batch)
@@ -105,7 +132,7 @@ class STAN(PLE):
         aux = {"preference": preference}
         if self.training:
             if self.use_beta:
-                aux["gamma"] = self.beta_state.update_and_sample(
+                aux["gamma"] = self.latent_stage(
                     batch.user_key, batch.event_time_ms, batch.example_id, preference, batch.mask
                 )
             else:

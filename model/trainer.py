@@ -594,30 +594,41 @@ def _train(
     if bar is not None:
         bar.update(step)
     dmp.train()
-    samples_seen = 0.0
+    step_fn = _make_step(dmp, optimizer, device, tc.pipeline)
+    rows_here = train_loader.dataset.rows_per_rank[rank]
+    batch_rows = tc.batch_size
+    warmup = min(3, max(total_steps - step - 1, 0))  # steps left out of the throughput
+    samples_timed = 0
     t_start = time.perf_counter()
-    window_loss = torch.zeros(len(bundle.tasks) + 1)
+    window_loss = torch.zeros(len(bundle.tasks) + 1, device=device)
     window_steps = 0
+    steps_run = 0
     while step < total_steps and epoch < tc.epochs:
         train_loader.dataset.set_epoch(epoch)
         if in_epoch:
             train_loader.load_state_dict({**train_loader.state_dict(), "batches_yielded": in_epoch})
         elif beta_state is not None:
             beta_state.reset()  # each epoch replays the chronology from the start
-        for batch in _device_batches(train_loader, device):
-            optimizer.zero_grad()
-            loss, (per_task, _, _) = dmp(batch)
-            loss.backward()
-            optimizer.step()
+        batches = iter(_device_batches(train_loader, device, tc.pipeline))
+        while step < total_steps:
+            try:
+                loss, per_task = step_fn(batches)
+            except StopIteration:
+                break
             step += 1
             in_epoch += 1
-            samples_seen += float(batch.mask.sum())
-            window_loss += torch.cat([loss.detach().reshape(1), per_task]).float().cpu()
+            steps_run += 1
+            if steps_run == warmup:
+                t_start = time.perf_counter()
+            elif steps_run > warmup:
+                # real rows of this step on this rank (padding rows excluded), no device sync
+                samples_timed += max(0, min(batch_rows, rows_here - (in_epoch - 1) * batch_rows))
+            window_loss += torch.cat([loss.detach().reshape(1), per_task.detach()]).float()
             window_steps += 1
             if bar is not None:
                 bar.update(1)
             if step % tc.log_every == 0 or step == total_steps:
-                mean = window_loss / window_steps
+                mean = (window_loss / window_steps).cpu()
                 dist.all_reduce(mean)
                 mean /= world
                 entry = {"step": float(step), "loss": float(mean[0])}
@@ -629,7 +640,8 @@ def _train(
                 window_loss.zero_()
                 window_steps = 0
                 if bar is not None:
-                    rate = samples_seen * world / max(time.perf_counter() - t_start, 1e-9)
+                    elapsed = max(time.perf_counter() - t_start, 1e-9)
+                    rate = samples_timed * world / elapsed
                     bar.set_postfix(loss=f"{entry['loss']:.4f}", samples_s=f"{rate:,.0f}")
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 checkpoint()
@@ -637,20 +649,23 @@ def _train(
                     log.error("crash_after_step=%d: exiting hard (test hook)", step)
                     sys.stderr.flush()
                     os._exit(17)
-            if step >= total_steps:
-                break
-        else:
-            epoch += 1
-            in_epoch = 0
-            continue
         if in_epoch >= steps_per_epoch:
             epoch += 1
             in_epoch = 0
-        break
+        elif step >= total_steps:
+            break
+        else:
+            raise RuntimeError(
+                f"the train loader of rank {rank} ended after {in_epoch} of {steps_per_epoch} "
+                "batches: the table changed under the run?"
+            )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t_start
     if bar is not None:
         bar.close()
-    rate_t = torch.tensor([samples_seen])
+    step_fn.detach()
+    rate_t = torch.tensor([float(samples_timed)])
     dist.all_reduce(rate_t)
     samples_per_s = float(rate_t[0]) / max(elapsed, 1e-9)
     if not tc.checkpoint_every or step % tc.checkpoint_every:
@@ -718,9 +733,58 @@ def _train(
     return result
 
 
-def _device_batches(loader: ExamplesLoader, device: torch.device) -> Iterator[Batch]:
+def _device_batches(loader: ExamplesLoader, device: torch.device, pipeline: str) -> Iterator[Batch]:
+    """Batches as the step function wants them: host batches for TorchRec's pipeline (it
+    copies them itself, on its own stream), device batches otherwise."""
     for batch in loader:
-        yield batch if device.type == "cpu" else batch.to(device, non_blocking=True)
+        if device.type == "cpu" or _uses_sparse_dist(device, pipeline):
+            yield batch
+        else:
+            yield batch.to(device, non_blocking=True)
+
+
+def _uses_sparse_dist(device: torch.device, pipeline: str) -> bool:
+    return device.type == "cuda" and pipeline in ("auto", "sparse_dist")
+
+
+class _Step:
+    """One training step from a batch iterator -> (loss, per-task losses); raises
+    StopIteration at the end of the iterator.
+
+    On CUDA (``train.pipeline`` auto / sparse_dist) TorchRec's ``TrainPipelineSparseDist``
+    overlaps the host-to-device copy and the sparse all-to-all of the next batch with this
+    step's compute; elsewhere a plain forward / backward / step.
+    """
+
+    def __init__(self, dmp: nn.Module, optimizer: Any, device: torch.device, pipeline: str):
+        self.dmp, self.optimizer = dmp, optimizer
+        self.pipeline = None
+        if _uses_sparse_dist(device, pipeline):
+            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+            self.pipeline = TrainPipelineSparseDist(
+                dmp, optimizer, device, execute_all_batches=True
+            )
+
+    def __call__(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pipeline is not None:
+            per_task, _, _ = self.pipeline.progress(batches)
+            return per_task.sum(), per_task
+        batch = next(batches)
+        self.optimizer.zero_grad()
+        loss, (per_task, _, _) = self.dmp(batch)
+        loss.backward()
+        self.optimizer.step()
+        return loss, per_task
+
+    def detach(self) -> None:
+        """Give the model its plain forward back (for evaluation after the pipeline)."""
+        if self.pipeline is not None and hasattr(self.pipeline, "detach"):
+            self.pipeline.detach()
+
+
+def _make_step(dmp: nn.Module, optimizer: Any, device: torch.device, pipeline: str) -> _Step:
+    return _Step(dmp, optimizer, device, pipeline)
 
 
 def _log_metrics_table(metrics: dict[str, float]) -> None:
