@@ -3,6 +3,8 @@
     python -m jobs.benchmark pipeline --events 1e6,1e7          # full build on generated logs
     python -m jobs.benchmark pipeline --incremental 2,10,30     # nightly cost vs history length
     python -m jobs.benchmark pipeline --kuairand                # the real data, full + one night
+    python -m jobs.benchmark train --models stan,ple --batch-sizes 512,2048   # loader + trainer
+    python -m jobs.benchmark train --configs paper --device cuda --batch-sizes 2048,8192 --tf32
 
 Each figure is measured end to end in a fresh process (Spark start included), as a scheduler
 would run it. Results go to stdout as a markdown table and to <out>/pipeline.json.
@@ -246,6 +248,103 @@ def bench_kuairand(work: Path) -> list[dict]:
     ]
 
 
+# ------------------------------------------------------------------------------ training
+TRAIN_CONFIGS = {
+    # what the tests and the CPU demo use
+    "cpu": [],
+    # the STAN paper's settings (Sec. 4.1.3): embedding dim 128, hidden units <= 1024
+    "paper": [
+        "model.embedding_dim=128",
+        "model.bottom_hidden=[1024,512]",
+        "model.expert_hidden=[1024,512]",
+        "model.tower_hidden=[256]",
+        "model.ple={layers: 1, task_experts: 1, shared_experts: 3}",
+        "model.stan.preference_hidden=[256]",
+        "model.stan.heads=4",
+    ],
+}
+
+
+def bench_train(
+    work: Path,
+    lake: str,
+    models: list[str],
+    configs: list[str],
+    batch_sizes: list[int],
+    steps: int,
+    nproc: int,
+    device: str,
+    tf32: bool,
+    loader_seconds: float,
+) -> list[dict]:
+    """Trainer samples/s per model, config and batch size (a fresh ``jobs.train`` process each,
+    warm-up steps excluded), and the loader's own samples/s at the same batch sizes."""
+    rows: list[dict] = []
+    if loader_seconds > 0:
+        from model.data import benchmark_loader
+        from pipelines.artifacts import load as load_artifacts
+        from pipelines.build import Tables
+        from pipelines.spec import load_spec
+
+        spec = load_spec(REPO / "feature_specs" / "kuairand.yaml")
+        tables = Tables.for_spec(lake, spec)
+        art = load_artifacts(tables.artifacts, spec, with_vocabs=False)
+        for b in batch_sizes:
+            rate = benchmark_loader(tables.examples, spec, art, b, loader_seconds)
+            rows.append({"bench": "loader (1 process)", "batch": b, "samples_per_s": round(rate)})
+            print(json.dumps(rows[-1]), flush=True)
+    for config in configs:
+        for model in models:
+            for b in batch_sizes:
+                out = work / f"train_{config}_{model}_{b}"
+                shutil.rmtree(out, ignore_errors=True)
+                sets = [
+                    f"lake={lake}",
+                    f"output_dir={out}",
+                    f"model.name={model}",
+                    f"train.batch_size={b}",
+                    f"train.max_steps={steps}",
+                    "train.eval_splits=[]",
+                    "train.resume=false",
+                    "mlflow.enabled=false",
+                    f"train.device={device}",
+                    f"train.tf32={str(tf32).lower()}",
+                    *TRAIN_CONFIGS[config],
+                ]
+                if nproc > 1:
+                    cmd = [_py(), "-m", "torch.distributed.run", "--standalone"]
+                    cmd += ["--nproc-per-node", str(nproc), "-m", "jobs.train"]
+                    sets.append(f"train.threads={max(1, (os.cpu_count() or 1) // nproc)}")
+                else:
+                    cmd = [_py(), "-m", "jobs.train"]
+                for s in sets:
+                    cmd += ["--set", s]
+                out.mkdir(parents=True, exist_ok=True)
+                run = timed(cmd, out.parent / f"{out.name}.log")
+                metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+                row = {
+                    "bench": f"train {model} ({config}, {nproc} proc, {device})",
+                    "batch": b,
+                    "samples_per_s": round(metrics["train/samples_per_s"]),
+                    "steps": steps,
+                    "seconds": run["seconds"],
+                    "peak_rss_mb": run["peak_rss_mb"],
+                }
+                if "train/gpu_peak_mem_gb" in metrics:
+                    row["gpu_peak_mem_gb"] = round(metrics["train/gpu_peak_mem_gb"], 2)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def train_markdown(rows: list[dict]) -> str:
+    cols = ["bench", "batch", "samples_per_s", "steps", "seconds", "peak_rss_mb", "gpu_peak_mem_gb"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     cols = ["bench", "events", "seconds", "events_per_s_per_core", "peak_rss_mb", "build_seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -270,10 +369,49 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--events-per-day", type=float, default=2e5)
     pp.add_argument("--kuairand", action="store_true")
     pp.add_argument("--work", default="/tmp/lifecycle-bench")
+    tp = sub.add_parser("train", help="loader and trainer samples/s")
+    tp.add_argument("--lake", default="lake", help="a lake with the KuaiRand examples built")
+    tp.add_argument("--models", default="stan", help="comma list of model names")
+    tp.add_argument("--configs", default="cpu", help="comma list of: cpu, paper")
+    tp.add_argument("--batch-sizes", default="1024", help="comma list")
+    tp.add_argument("--steps", type=int, default=60, help="training steps per measurement")
+    tp.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per run")
+    tp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tp.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
+    tp.add_argument("--loader-seconds", type=float, default=15.0, help="0: skip the loader")
+    tp.add_argument("--work", default="/tmp/lifecycle-bench")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+    }
+    if args.what == "train":
+        import torch
+
+        if torch.cuda.is_available():
+            machine["gpu"] = torch.cuda.get_device_name(0)
+        rows = bench_train(
+            work,
+            args.lake,
+            args.models.split(","),
+            args.configs.split(","),
+            [int(x) for x in args.batch_sizes.split(",")],
+            args.steps,
+            args.nproc,
+            args.device,
+            args.tf32,
+            args.loader_seconds,
+        )
+        (work / "train.json").write_text(
+            json.dumps({"machine": machine, "results": rows}, indent=2)
+        )
+        print(f"\nmachine: {machine}\n")
+        print(train_markdown(rows))
+        return 0
     if args.kuairand:
         rows += bench_kuairand(work)
     if args.events:
@@ -282,11 +420,6 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_incremental(
             work, [int(x) for x in args.incremental.split(",")], args.events_per_day
         )
-    machine = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
-    }
     out = {"machine": machine, "results": rows}
     (work / "pipeline.json").write_text(json.dumps(out, indent=2))
     print(f"\nmachine: {machine}\n")

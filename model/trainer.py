@@ -674,6 +674,8 @@ def _train(
     # ---- evaluation (sharded model) and the gathered unsharded weights
     dmp.eval()
     metrics: dict[str, float] = {"train/samples_per_s": samples_per_s}
+    if device.type == "cuda":
+        metrics["train/gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
 
     def scores(batch: Batch) -> torch.Tensor:
         return torch.sigmoid(dmp(batch)[1][1])
