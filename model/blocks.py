@@ -90,7 +90,8 @@ class ExpertGroup(nn.Module):
 def _mix(gate_logits: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax gate over experts: ([B, E], [B, E, H]) -> (mixture [B, H], weights [B, E])."""
     weights = torch.softmax(gate_logits, dim=-1)
-    return torch.bmm(weights.unsqueeze(1), experts).squeeze(1), weights
+    # a broadcast multiply-add, not bmm: B tiny [1, E] x [E, H] products are slow on CPU
+    return (weights.unsqueeze(-1) * experts).sum(1), weights
 
 
 class MMoELayer(nn.Module):

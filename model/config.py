@@ -107,6 +107,9 @@ class TrainLoopConfig(_Strict):
     log_every: int = Field(50, ge=1)
     eval_splits: list[Literal["valid", "test"]] = Field(default_factory=lambda: ["valid", "test"])
     ndcg_k: int = Field(5, ge=1)
+    # RelaImpr of AUC and NDCG@k against a base run: its output_dir (metrics.json) or its
+    # MLflow run id (in the configured tracking store); null: none
+    relaimpr_base: str | None = None
     # a checkpoint every N steps (0: only at the end); resume from the latest one if present
     checkpoint_every: int = Field(0, ge=0)
     resume: bool = True

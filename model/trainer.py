@@ -48,7 +48,7 @@ from model.base import (
 )
 from model.config import TrainConfig, check_against_spec
 from model.data import Batch, ExamplesLoader, make_loader
-from model.metrics import task_metrics
+from model.metrics import rela_impr_auc, rela_impr_ndcg, task_metrics
 from model.registry import build_model
 from model.stages import StageThresholds, fit_stage_thresholds
 from model.stan import STAN
@@ -350,6 +350,38 @@ def _write_predictions(path: Path, pred: dict[str, np.ndarray], tasks: list[Task
         cols[f"target_{t.name}"] = pred["labels"][:, i]
     order = np.argsort(pred["example_id"], kind="stable")
     pq.write_table(pa.table({k: v[order] for k, v in cols.items()}), path)
+
+
+def base_run_metrics(base: str, tracking_uri: str) -> dict[str, float]:
+    """The final metrics of a base run: an output_dir with metrics.json, or an MLflow run id."""
+    path = Path(base) / "metrics.json"
+    if path.exists():
+        return dict(json.loads(path.read_text())["metrics"])
+    import mlflow
+
+    try:
+        run = mlflow.MlflowClient(tracking_uri).get_run(base)
+    except Exception as err:  # noqa: BLE001 - mlflow raises several kinds
+        raise ValueError(
+            f"train.relaimpr_base: {base!r} is neither an output_dir with metrics.json nor a run "
+            f"id in {tracking_uri} ({err})"
+        ) from None
+    return {k.replace("_at_", "@"): v for k, v in run.data.metrics.items()}
+
+
+def relaimpr(metrics: dict[str, float], base: dict[str, float], k: int) -> dict[str, float]:
+    """``<split>/<task>/relaimpr_auc`` and ``relaimpr_ndcg@k`` for every metric the base run
+    has too (STAN Sec. 4.1.4: (AUC - 0.5) / (AUC_base - 0.5) - 1 and NDCG / NDCG_base - 1)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key not in base:
+            continue
+        prefix, _, name = key.rpartition("/")
+        if name == "auc" and base[key] != 0.5:
+            out[f"{prefix}/relaimpr_auc"] = rela_impr_auc(value, base[key])
+        elif name == f"ndcg@{k}" and base[key] != 0:
+            out[f"{prefix}/relaimpr_ndcg@{k}"] = rela_impr_ndcg(value, base[key])
+    return out
 
 
 # ----------------------------------------------------------------------------- logging
@@ -725,6 +757,9 @@ def _train(
                 indent=1,
             )
         )
+        if tc.relaimpr_base:
+            base = base_run_metrics(tc.relaimpr_base, cfg.mlflow.tracking_uri)
+            metrics.update(relaimpr(metrics, base, tc.ndcg_k))
         tracker.metrics(metrics)
         if history:
             _plot_curve(history, out_dir / "learning_curve.png", bundle.tasks)

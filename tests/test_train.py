@@ -152,9 +152,16 @@ def test_rank_zero_logged_to_mlflow(uninterrupted: Path) -> None:
     assert db.execute("select count(*) from runs").fetchone()[0] == 1
 
 
-def test_plain_python_single_process(kuairand_train_lake, tmp_path) -> None:
+def test_plain_python_single_process(kuairand_train_lake, uninterrupted: Path, tmp_path) -> None:
+    """Plain ``python -m jobs.train`` (no torchrun), PLE_stage, RelaImpr against the STAN run."""
     out = tmp_path / "ple"
-    args = _args(kuairand_train_lake, out, "model.name=ple_stage", "train.max_steps=30")
+    args = _args(
+        kuairand_train_lake,
+        out,
+        "model.name=ple_stage",
+        "train.max_steps=30",
+        f"train.relaimpr_base={uninterrupted}",
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.train", *args, "--set", "mlflow.enabled=false"],
         cwd=REPO,
@@ -167,6 +174,14 @@ def test_plain_python_single_process(kuairand_train_lake, tmp_path) -> None:
     assert summary["steps"] == 30 and "test/click/auc" in summary["metrics"]
     model, _ = load_trained(out)
     assert model.stage_thresholds.shape == (3,)
+    mine = json.loads((out / "metrics.json").read_text())["metrics"]
+    base = json.loads((uninterrupted / "metrics.json").read_text())["metrics"]
+    for task in ("click", "like"):
+        key = f"test/{task}"
+        expected = (mine[f"{key}/auc"] - 0.5) / (base[f"{key}/auc"] - 0.5) - 1
+        assert mine[f"{key}/relaimpr_auc"] == pytest.approx(expected)
+        expected = mine[f"{key}/ndcg@5"] / base[f"{key}/ndcg@5"] - 1
+        assert mine[f"{key}/relaimpr_ndcg@5"] == pytest.approx(expected)
 
 
 def test_stage_thresholds_are_medians_of_training_window_user_rates(kuairand_train_lake) -> None:
