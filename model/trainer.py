@@ -234,8 +234,54 @@ def _latest_checkpoint(root: Path) -> Path | None:
     return done[-1].parent if done else None
 
 
+def run_fingerprint(cfg: TrainConfig, table_version: int, spec_overrides: list[str]) -> str:
+    """What a checkpoint must share with the run that resumes it: the model, optimizer, data
+    order (batch size, seed, epochs), sharding, spec and the examples table version. The step
+    budget (``max_steps``), logging and checkpoint cadence may differ."""
+    import hashlib
+
+    tc = cfg.train
+    key = {
+        "model": cfg.model.model_dump(mode="json"),
+        "optim": cfg.optim.model_dump(mode="json"),
+        "data": [tc.batch_size, tc.seed, tc.epochs, tc.sharding, cfg.spec, spec_overrides],
+        "lake": str(Path(cfg.lake).resolve()),
+        "table_version": table_version,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resumable(root: Path, fingerprint: str, rank: int) -> Path | None:
+    """The newest complete checkpoint of this same run, or None. Checkpoints of another
+    configuration or table version are removed (with a warning) so that they cannot mix."""
+    latest = _latest_checkpoint(root)
+    if latest is None:
+        return None
+    meta = json.loads((latest / ".complete").read_text())
+    if meta.get("fingerprint") == fingerprint:
+        return latest
+    if rank == 0:
+        log.warning(
+            "the checkpoints in %s come from another configuration or table version "
+            "(fingerprint %s, this run %s): starting from scratch and removing them",
+            root,
+            meta.get("fingerprint"),
+            fingerprint,
+        )
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    dist.barrier()
+    return None
+
+
 def _save_checkpoint(
-    root: Path, step: int, dmp: nn.Module, optimizer: Any, extra: dict[str, Any]
+    root: Path,
+    step: int,
+    dmp: nn.Module,
+    optimizer: Any,
+    extra: dict[str, Any],
+    fingerprint: str,
 ) -> Path:
     rank = dist.get_rank()
     path = root / f"step_{step}"
@@ -247,7 +293,9 @@ def _save_checkpoint(
     dist.barrier()
     if rank == 0:
         (path / ".complete").write_text(
-            json.dumps({"step": step, "world_size": dist.get_world_size()})
+            json.dumps(
+                {"step": step, "world_size": dist.get_world_size(), "fingerprint": fingerprint}
+            )
         )
         # keep the newest two complete checkpoints
         complete = sorted(int(p.parent.name[5:]) for p in root.glob("step_*/.complete"))
@@ -576,7 +624,13 @@ def _train(
         total_steps = min(total_steps, tc.max_steps)
     step, epoch, in_epoch = 0, 0, 0
     history: list[dict[str, float]] = []
-    resume_from = _latest_checkpoint(ckpt_root) if tc.resume else None
+    fingerprint = run_fingerprint(cfg, version, bundle.spec_overrides)
+    resume_from = _resumable(ckpt_root, fingerprint, rank) if tc.resume else None
+    if resume_from is None:
+        dist.barrier()
+        if rank == 0 and ckpt_root.exists():
+            shutil.rmtree(ckpt_root)  # a fresh run: no stale step numbers to resume from later
+        dist.barrier()
     if resume_from is not None:
         extra = _load_checkpoint(resume_from, dmp, optimizer)
         step, epoch, in_epoch = extra["step"], extra["epoch"], extra["in_epoch"]
@@ -620,7 +674,7 @@ def _train(
             "rng": _rng_state(),
             "data": train_loader.state_dict(),
         }
-        _save_checkpoint(ckpt_root, step, dmp, optimizer, extra)
+        _save_checkpoint(ckpt_root, step, dmp, optimizer, extra, fingerprint)
 
     bar = _progress(total_steps, rank)
     if bar is not None:
