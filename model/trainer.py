@@ -773,6 +773,9 @@ def _train(
             m = split_metrics(pred, bundle.tasks, tc.ndcg_k)
             metrics.update({f"{split}/{k}": v for k, v in m.items()})
     weights = gather_state_dict(dmp)
+    if rank == 0 and tc.relaimpr_base:
+        base = base_run_metrics(tc.relaimpr_base, cfg.mlflow.tracking_uri)
+        metrics.update(relaimpr(metrics, base, tc.ndcg_k))
     result = TrainResult(
         output_dir=str(out_dir),
         steps=step,
@@ -811,9 +814,6 @@ def _train(
                 indent=1,
             )
         )
-        if tc.relaimpr_base:
-            base = base_run_metrics(tc.relaimpr_base, cfg.mlflow.tracking_uri)
-            metrics.update(relaimpr(metrics, base, tc.ndcg_k))
         tracker.metrics(metrics)
         if history:
             _plot_curve(history, out_dir / "learning_curve.png", bundle.tasks)
