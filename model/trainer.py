@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch import nn
 
 from model.base import (
@@ -58,6 +59,18 @@ from pipelines.build import Tables
 from pipelines.spec import FeatureSpec, load_spec
 
 log = logging.getLogger(__name__)
+
+# What loading the pyfunc needs (the versions this project pins, see .ci/requirements).
+PYFUNC_REQUIREMENTS = [
+    "torch==2.13.0",
+    "torchrec==1.8.0",
+    "fbgemm-gpu-cpu==1.8.0",
+    "pandas<3",
+    "pyarrow<26",
+    "deltalake",
+    "pydantic>=2",
+    "pyyaml",
+]
 
 __all__ = ["TrainResult", "evaluate_unsharded", "load_trained", "train"]
 
@@ -477,9 +490,31 @@ class _Tracker:
             clean = {k.replace("@", "_at_"): v for k, v in values.items() if math.isfinite(v)}
             self.mlflow.log_metrics(clean, step=step)
 
-    def artifact(self, path: Path) -> None:
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active:
-            self.mlflow.log_artifact(str(path))
+            if path.is_dir():
+                self.mlflow.log_artifacts(str(path), artifact_path)
+            else:
+                self.mlflow.log_artifact(str(path), artifact_path)
+
+    def log_model(self, out_dir: Path, preprocessing: Path, bundle: ModelBundle) -> str | None:
+        """Log the gathered model as a pyfunc (raw columns in, ``score_<task>`` out)."""
+        if not self.active:
+            return None
+        from model.serving import RankerModel, pyfunc_signature
+
+        info = self.mlflow.pyfunc.log_model(
+            name="model",
+            python_model=RankerModel(),
+            artifacts={
+                "model": str(out_dir / "model.pt"),
+                "spec": str(out_dir / "spec.yaml"),
+                "preprocessing": str(preprocessing),
+            },
+            signature=pyfunc_signature(bundle.spec, [t.name for t in bundle.tasks]),
+            pip_requirements=PYFUNC_REQUIREMENTS,
+        )
+        return str(info.model_uri)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.active:
@@ -516,6 +551,7 @@ class TrainResult:
     table_version: int | None = None
     samples_per_s: float = 0.0
     rank: int = 0
+    model_uri: str | None = None
 
 
 def _progress(total: int, rank: int) -> Any:
@@ -802,22 +838,33 @@ def _train(
             },
             out_dir / "model.pt",
         )
+        spec_path = out_dir / "spec.yaml"
+        spec_path.write_text(yaml.safe_dump(bundle.spec.model_dump(mode="json"), sort_keys=False))
+        (out_dir / "config.yaml").write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        )
+        tracker.metrics(metrics)
+        if history:
+            _plot_curve(history, out_dir / "learning_curve.png", bundle.tasks)
+            tracker.artifact(out_dir / "learning_curve.png")
+        for name in ("config.yaml", "spec.yaml"):
+            tracker.artifact(out_dir / name)
+        tracker.artifact(Path(tables.artifacts), "preprocessing")
+        model_uri = tracker.log_model(out_dir, Path(tables.artifacts), bundle)
+        result.model_uri = model_uri
         (out_dir / "metrics.json").write_text(
             json.dumps(
                 {
                     "steps": step,
                     "table_version": version,
                     "run_id": tracker.run_id,
+                    "model_uri": model_uri,
                     "metrics": metrics,
                     "history": history,
                 },
                 indent=1,
             )
         )
-        tracker.metrics(metrics)
-        if history:
-            _plot_curve(history, out_dir / "learning_curve.png", bundle.tasks)
-            tracker.artifact(out_dir / "learning_curve.png")
         tracker.artifact(out_dir / "metrics.json")
         _log_metrics_table(metrics)
     dist.barrier()
