@@ -137,6 +137,14 @@ class MlflowConfig(_Strict):
     run_name: str | None = None
 
 
+class RegistryConfig(_Strict):
+    # registered model name; the champion alias moves only when the candidate beats it on
+    # `metric` (a metric the training run logged, e.g. valid/click/auc)
+    model_name: str = "lifecycle-ranker"
+    metric: str = "valid/click/auc"
+    greater_is_better: bool = True
+
+
 class TrainConfig(_Strict):
     spec: str = "feature_specs/kuairand.yaml"
     lake: str = "lake"
@@ -148,6 +156,7 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _sharding(self) -> TrainConfig:

@@ -514,6 +514,7 @@ class _Tracker:
             signature=pyfunc_signature(bundle.spec, [t.name for t in bundle.tasks]),
             pip_requirements=PYFUNC_REQUIREMENTS,
         )
+        self.mlflow.set_tag("lifecycle.model_uri", str(info.model_uri))
         return str(info.model_uri)
 
     def end(self, status: str = "FINISHED") -> None:
