@@ -113,6 +113,8 @@ class TrainLoopConfig(_Strict):
     # a checkpoint every N steps (0: only at the end); resume from the latest one if present
     checkpoint_every: int = Field(0, ge=0)
     resume: bool = True
+    # warm start: the model.pt of an earlier run (same spec and vocabularies) to start from
+    init_from: str | None = None
     # test hook: the process exits hard right after the checkpoint of this step (a crash)
     crash_after_step: int | None = None
     num_workers: int = Field(0, ge=0)

@@ -241,6 +241,38 @@ def gather_state_dict(dmp: nn.Module) -> dict[str, torch.Tensor] | None:
     return out if rank == 0 else None
 
 
+def load_unsharded(dmp: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy an unsharded state dict (``model.pt``) into the sharded model, shard by shard
+    (warm start). Every weight must be there with the same shape: the same spec, vocabularies
+    and model config."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for key, value in dmp.state_dict().items():
+            name = key.removeprefix("model.")
+            if name not in weights:
+                raise ValueError(f"train.init_from: the weights have no {name!r}")
+            src = weights[name]
+            if tuple(src.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"train.init_from: {name!r} has shape {tuple(src.shape)}, this model "
+                    f"{tuple(value.shape)} (another vocabulary or model config)"
+                )
+            if isinstance(value, ShardedTensor):
+                for shard in value.local_shards():
+                    md = shard.metadata
+                    region = tuple(
+                        slice(o, o + s)
+                        for o, s in zip(md.shard_offsets, md.shard_sizes, strict=True)
+                    )
+                    shard.tensor.copy_(src[region])
+            elif isinstance(value, DTensor):
+                raise ValueError("train.init_from: DTensor state is not supported yet")
+            else:
+                value.copy_(src.to(value.device, value.dtype))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def _latest_checkpoint(root: Path) -> Path | None:
     done = sorted(root.glob("step_*/.complete"), key=lambda p: int(p.parent.name[5:]))
@@ -258,6 +290,7 @@ def run_fingerprint(cfg: TrainConfig, table_version: int, spec_overrides: list[s
         "model": cfg.model.model_dump(mode="json"),
         "optim": cfg.optim.model_dump(mode="json"),
         "data": [tc.batch_size, tc.seed, tc.epochs, tc.sharding, cfg.spec, spec_overrides],
+        "init_from": tc.init_from,
         "lake": str(Path(cfg.lake).resolve()),
         "table_version": table_version,
     }
@@ -663,6 +696,10 @@ def _train(
     history: list[dict[str, float]] = []
     fingerprint = run_fingerprint(cfg, version, bundle.spec_overrides)
     resume_from = _resumable(ckpt_root, fingerprint, rank) if tc.resume else None
+    if resume_from is None and tc.init_from:
+        load_unsharded(dmp, torch.load(tc.init_from, weights_only=False)["state_dict"])
+        if rank == 0:
+            log.info("warm start from %s", tc.init_from)
     if resume_from is None:
         dist.barrier()
         if rank == 0 and ckpt_root.exists():
