@@ -136,8 +136,10 @@ class RawFeatureTransform:
             bad |= frac
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
+            value = s.iloc[row]
+            value = value.item() if hasattr(value, "item") else value
             raise ScoringInputError(
-                f"input column {column!r}, row {row}: {s.iloc[row]!r} is not a {typ} value"
+                f"input column {column!r}, row {row}: {value!r} is not a {typ} value"
             )
         return num
 

@@ -59,6 +59,7 @@ from pipelines.build import Tables
 from pipelines.spec import FeatureSpec, load_spec
 
 log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
 
 # What loading the pyfunc needs (the versions this project pins, see .ci/requirements).
 PYFUNC_REQUIREMENTS = [
@@ -546,6 +547,8 @@ class _Tracker:
             },
             signature=pyfunc_signature(bundle.spec, [t.name for t in bundle.tasks]),
             pip_requirements=PYFUNC_REQUIREMENTS,
+            # the model ships its own code: loading needs no checkout of this repository
+            code_paths=[str(REPO / "model"), str(REPO / "pipelines")],
         )
         self.mlflow.set_tag("lifecycle.model_uri", str(info.model_uri))
         return str(info.model_uri)

@@ -1,0 +1,135 @@
+"""The MLflow lifecycle end to end on the KuaiRand slice: the pyfunc in a fresh process, batch
+scoring with Spark, and the nightly chain (skip, force, failure)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+PYFUNC_SCRIPT = """
+import sys, mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+rows = pd.read_parquet(sys.argv[3])
+model.predict(rows.drop(columns=["example_id"])).assign(example_id=rows["example_id"].values).to_parquet(sys.argv[4])
+"""
+
+
+def test_pyfunc_in_a_fresh_process_scores_like_the_trainer(kuairand_run, kuairand_scorer, tmp_path):
+    """models:/<name>@champion loaded as pyfunc in a new Python (no torchrun, no Spark) gives
+    the trainer's own test-split scores for the same raw rows."""
+    from model.lifecycle import register_candidate
+
+    decision = register_candidate(
+        kuairand_run["run_id"],
+        "ranker",
+        "valid/click/auc",
+        tracking_uri=kuairand_run["tracking_uri"],
+    )
+    assert decision.promoted
+    _, raw = kuairand_scorer
+    raw.to_parquet(tmp_path / "rows.parquet")
+    proc = subprocess.run(
+        [sys.executable, "-c", PYFUNC_SCRIPT, kuairand_run["tracking_uri"],
+         "models:/ranker@champion", str(tmp_path / "rows.parquet"), str(tmp_path / "scores.parquet")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pyspark" not in proc.stderr.lower() or "SparkSession" not in proc.stderr
+    mine = pd.read_parquet(tmp_path / "scores.parquet").set_index("example_id")
+    theirs = pq.read_table(kuairand_run["out"] / "predictions_test.parquet").to_pandas()
+    theirs = theirs.set_index("example_id").loc[mine.index]
+    assert len(mine) > 0.9 * len(pq.read_table(kuairand_run["out"] / "predictions_test.parquet"))
+    for task in ("click", "dwell", "like", "long_view", "follow"):
+        np.testing.assert_allclose(mine[f"score_{task}"], theirs[f"score_{task}"], atol=1e-5)
+
+
+def _nightly(lake: Path, run: dict, runs: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "jobs.nightly", "--date", "2022-05-08", "--runs-dir", str(runs)]
+    cmd += ["--set-pipeline", f"lake={lake}", "--set-pipeline", "spark.user_partitions=2"]
+    cmd += ["--set-pipeline", "spark.conf.spark.sql.shuffle.partitions=2"]
+    for s in (
+        "model.embedding_dim=8",
+        "model.expert_hidden=[32,16]",
+        "model.tower_hidden=[16]",
+        "train.batch_size=256",
+        "train.max_steps=20",
+        "train.threads=2",
+        "registry.model_name=nightly-ranker",
+        f"mlflow.tracking_uri={run['tracking_uri']}",
+    ):
+        cmd += ["--set-train", s]
+    for s in run["spec_overrides"]:
+        cmd += ["--spec-set", s]
+    return subprocess.run([*cmd, *extra], cwd=REPO, capture_output=True, text=True, timeout=1200)
+
+
+def test_nightly_chain(kuairand_train_lake, kuairand_run, tmp_path) -> None:
+    lake = tmp_path / "lake"
+    shutil.copytree(kuairand_train_lake["lake"], lake)
+    runs = tmp_path / "runs"
+    run = {**kuairand_run, "spec_overrides": kuairand_train_lake["spec_overrides"]}
+    examples = str(lake / "kuairand" / "examples")
+    preds = str(lake / "kuairand" / "predictions")
+
+    first = _nightly(lake, run, runs)
+    assert first.returncode == 0, first.stderr[-4000:]
+    record = json.loads(first.stdout)
+    steps = record["steps"]
+    assert steps["build"]["status"] == "skipped"  # the slice's full build has 05-08 already
+    assert [steps[s]["status"] for s in ("train", "register", "score")] == ["done"] * 3
+    assert steps["register"]["promoted"] and steps["score"]["model_version"] == "1"
+    day = DeltaTable(examples).to_pandas(filters=[("date", "=", "2022-05-08")])
+    scored = DeltaTable(preds).to_pandas()
+    assert sorted(scored["example_id"]) == sorted(day["example_id"])
+    # the champion's batch scores equal the trainer's own evaluation of those rows
+    trainer = pq.read_table(runs / "2022-05-08" / "predictions_test.parquet").to_pandas()
+    trainer = trainer.set_index("example_id").loc[scored["example_id"]]
+    for task in ("click", "long_view"):
+        np.testing.assert_allclose(scored[f"score_{task}"], trainer[f"score_{task}"], atol=1e-5)
+
+    versions = {p: DeltaTable(p).version() for p in (examples, preds)}
+    again = _nightly(lake, run, runs)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert all(s["status"] == "skipped" for s in json.loads(again.stdout)["steps"].values())
+    assert {p: DeltaTable(p).version() for p in versions} == versions  # a no-op
+
+    forced = _nightly(lake, run, runs, "--force", "build,score")
+    assert forced.returncode == 0, forced.stderr[-4000:]
+    steps = json.loads(forced.stdout)["steps"]
+    assert steps["build"]["status"] == "done" and steps["build"]["mode"] == "nightly"
+    assert steps["score"]["status"] == "done"
+    assert DeltaTable(preds).version() == versions[preds] + 1
+    rescored = DeltaTable(preds).to_pandas()
+    assert len(rescored) == len(scored)  # replaced, not appended
+    assert len(DeltaTable(examples).to_pandas(filters=[("date", "=", "2022-05-08")])) == len(day)
+
+
+def test_nightly_failure_names_the_step_and_keeps_earlier_outputs(
+    kuairand_train_lake, kuairand_run, tmp_path
+) -> None:
+    lake = tmp_path / "lake"
+    shutil.copytree(kuairand_train_lake["lake"], lake)
+    run = {**kuairand_run, "spec_overrides": kuairand_train_lake["spec_overrides"]}
+    before = DeltaTable(str(lake / "kuairand" / "examples")).version()
+    proc = _nightly(lake, run, tmp_path / "runs", "--set-train", "model.tasks=[watch]")
+    assert proc.returncode == 1
+    assert "step 'train' failed" in proc.stderr
+    assert "model.tasks: 'watch' is not a task" in proc.stderr
+    record = json.loads((lake / "kuairand" / "nightly" / "2022-05-08.json").read_text())
+    assert record["failed_step"] == "train" and record["steps"]["build"]["status"] == "skipped"
+    assert "score" not in record["steps"]
+    assert DeltaTable(str(lake / "kuairand" / "examples")).version() == before
