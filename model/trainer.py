@@ -766,6 +766,22 @@ def _train(
     window_loss = torch.zeros(len(bundle.tasks) + 1, device=device)
     window_steps = 0
     steps_run = 0
+    epoch_loss = torch.zeros(len(bundle.tasks) + 1, device=device)
+    epoch_steps = 0
+
+    def log_epoch(done_epoch: int) -> None:
+        nonlocal epoch_steps
+        mean = (epoch_loss / max(epoch_steps, 1)).cpu()
+        dist.all_reduce(mean)
+        mean /= world
+        values = {"epoch/loss": float(mean[0])}
+        values.update(
+            {f"epoch/loss/{t.name}": float(mean[i + 1]) for i, t in enumerate(bundle.tasks)}
+        )
+        tracker.metrics(values, step=done_epoch)
+        epoch_loss.zero_()
+        epoch_steps = 0
+
     while step < total_steps and epoch < tc.epochs:
         train_loader.dataset.set_epoch(epoch)
         if in_epoch:
@@ -786,8 +802,11 @@ def _train(
             elif steps_run > warmup:
                 # real rows of this step on this rank (padding rows excluded), no device sync
                 samples_timed += max(0, min(batch_rows, rows_here - (in_epoch - 1) * batch_rows))
-            window_loss += torch.cat([loss.detach().reshape(1), per_task.detach()]).float()
+            step_loss = torch.cat([loss.detach().reshape(1), per_task.detach()]).float()
+            window_loss += step_loss
+            epoch_loss += step_loss
             window_steps += 1
+            epoch_steps += 1
             if bar is not None:
                 bar.update(1)
             if step % tc.log_every == 0 or step == total_steps:
@@ -813,6 +832,7 @@ def _train(
                     sys.stderr.flush()
                     os._exit(17)
         if in_epoch >= steps_per_epoch:
+            log_epoch(epoch)  # (a resumed epoch's mean covers the steps after the resume)
             epoch += 1
             in_epoch = 0
         elif step >= total_steps:
