@@ -137,6 +137,9 @@ class MlflowConfig(_Strict):
     artifact_location: str = "mlartifacts"
     experiment: str = "lifecycle-ranking"
     run_name: str | None = None
+    # a child run of this run (the experiment job's parent run)
+    parent_run_id: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 class RegistryConfig(_Strict):

@@ -509,7 +509,10 @@ class _Tracker:
             location = Path(mc.artifact_location).resolve().as_uri()
             mlflow.create_experiment(mc.experiment, artifact_location=location)
         mlflow.set_experiment(mc.experiment)
-        run = mlflow.start_run(run_name=mc.run_name or cfg.model.name)
+        tags = dict(mc.tags)
+        if mc.parent_run_id:
+            tags["mlflow.parentRunId"] = mc.parent_run_id
+        run = mlflow.start_run(run_name=mc.run_name or cfg.model.name, tags=tags)
         self.run_id = run.info.run_id
 
     def params(self, params: dict[str, Any]) -> None:

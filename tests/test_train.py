@@ -261,3 +261,40 @@ def test_nan_labels_are_refused_before_training(kuairand_train_lake, tmp_path) -
     with pytest.raises(ExamplesTableError, match=r"label_click"):
         train(cfg, kuairand_train_lake["spec_overrides"])
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_warm_start_continues_from_the_given_weights(
+    uninterrupted: Path, kuairand_train_lake, tmp_path
+) -> None:
+    """train.init_from copies an unsharded model.pt into the sharded tables and dense layers:
+    the warm-started run starts at the loss the earlier run ended with, far below a cold start."""
+    out = tmp_path / "warm"
+    proc = _torchrun(
+        _args(
+            kuairand_train_lake,
+            out,
+            f"train.init_from={uninterrupted / 'model.pt'}",
+            "train.max_steps=20",
+            "train.log_every=10",
+            "train.checkpoint_every=0",
+            "mlflow.enabled=false",
+        )
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "warm start from" in proc.stderr
+    warm = json.loads((out / "metrics.json").read_text())["history"]
+    cold = json.loads((uninterrupted / "metrics.json").read_text())["history"]
+    assert warm[0]["loss"] < 0.8 * cold[0]["loss"]
+    assert warm[0]["loss"] < 1.25 * np.mean([h["loss"] for h in cold[-3:]])
+    bad = _torchrun(
+        _args(
+            kuairand_train_lake,
+            tmp_path / "bad",
+            f"train.init_from={uninterrupted / 'model.pt'}",
+            "model.embedding_dim=4",
+            "train.max_steps=2",
+            "mlflow.enabled=false",
+        )
+    )
+    assert bad.returncode != 0
+    assert "train.init_from" in bad.stderr and "has shape" in bad.stderr

@@ -1,0 +1,246 @@
+"""The paper-comparison experiment: every model under the same budget, several seeds, a
+hyper-parameter search on the valid days only, and a results table on the test days.
+
+Each training is a ``jobs.train`` subprocess (``torchrun`` when ``nproc`` > 1) logged as an MLflow
+child run of one parent run. The search runs evaluate on the valid split only, so test metrics
+are never computed for a configuration that was not selected. The table reports, per model and
+task, test AUC, GAUC, NDCG@k and LogLoss as mean ± std over seeds, RelaImpr of the mean AUC and
+NDCG against the base model (MLP_single), and a paired t-test (over seeds) of STAN against the
+best baseline (the non-STAN model with the best mean valid AUC).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from model.config import MODEL_NAMES, TrainConfig
+from model.metrics import rela_impr_auc, rela_impr_ndcg
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("auc", "gauc", "ndcg", "logloss")
+
+__all__ = ["ExperimentPlan", "results_tables", "run_experiment"]
+
+
+@dataclass
+class ExperimentPlan:
+    models: list[str]
+    seeds: list[int]
+    out_dir: Path
+    # config path -> candidate values, searched on the valid days with the first seed
+    search: dict[str, list[str]] = field(default_factory=dict)
+    train_conf: str | None = "conf/train.yaml"
+    overrides: list[str] = field(default_factory=list)
+    spec_overrides: list[str] = field(default_factory=list)
+    nproc: int = 1
+    base_model: str = "mlp_single"
+    stan_model: str = "stan"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        if unknown:
+            raise ValueError(f"--models: unknown {unknown} (models: {list(MODEL_NAMES)})")
+        if not self.seeds:
+            raise ValueError("--seeds: at least one seed")
+
+
+def _train(plan: ExperimentPlan, out: Path, sets: list[str]) -> dict[str, Any]:
+    if plan.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node", str(plan.nproc), "-m", "jobs.train"]
+    else:
+        cmd = [sys.executable, "-m", "jobs.train"]
+    if plan.train_conf:
+        cmd += ["--conf", plan.train_conf]
+    for s in [*plan.overrides, *sets, f"output_dir={out}", "train.resume=false"]:
+        cmd += ["--set", s]
+    for s in plan.spec_overrides:
+        cmd += ["--spec-set", s]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({proc.returncode}): {' '.join(cmd)}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _valid_score(metrics: dict[str, float]) -> float:
+    """Selection criterion: the mean valid AUC over the tasks that have one."""
+    vals = [v for k, v in metrics.items() if k.startswith("valid/") and k.endswith("/auc")]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def run_experiment(plan: ExperimentPlan, cfg: TrainConfig) -> dict[str, Any]:
+    """Run the plan; write results.csv / results.md / runs.json under ``plan.out_dir``."""
+    import mlflow
+
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    if mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
+        mlflow.create_experiment(
+            cfg.mlflow.experiment,
+            artifact_location=Path(cfg.mlflow.artifact_location).resolve().as_uri(),
+        )
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    t0 = time.time()
+    runs: list[dict[str, Any]] = []
+    with mlflow.start_run(run_name="experiment") as parent:
+        mlflow.log_params(
+            {
+                "models": ",".join(plan.models),
+                "seeds": ",".join(map(str, plan.seeds)),
+                "search": json.dumps(plan.search),
+                "overrides": json.dumps(plan.overrides)[:500],
+            }
+        )
+        child = [f"mlflow.parent_run_id={parent.info.run_id}"]
+        for model in plan.models:
+            chosen: list[str] = []
+            if plan.search:
+                keys = list(plan.search)
+                best = (-math.inf, [])
+                for values in itertools.product(*(plan.search[k] for k in keys)):
+                    combo = [f"{k}={v}" for k, v in zip(keys, values, strict=True)]
+                    tag = "_".join(
+                        f"{k.split('.')[-1]}{v}" for k, v in zip(keys, values, strict=True)
+                    )
+                    info = _train(
+                        plan,
+                        plan.out_dir / "search" / model / tag,
+                        [f"model.name={model}", f"train.seed={plan.seeds[0]}",
+                         "train.eval_splits=[valid]", f"mlflow.run_name={model}-search-{tag}",
+                         *combo, *child],
+                    )  # fmt: skip
+                    score = _valid_score(info["metrics"])
+                    runs.append(
+                        {"model": model, "phase": "search", "params": combo, "valid": score}
+                    )
+                    log.info("search %s %s: mean valid AUC %.5f", model, combo, score)
+                    if score > best[0]:
+                        best = (score, combo)
+                chosen = best[1]
+            for seed in plan.seeds:
+                info = _train(
+                    plan,
+                    plan.out_dir / "runs" / model / f"seed{seed}",
+                    [f"model.name={model}", f"train.seed={seed}",
+                     "train.eval_splits=[valid,test]", f"mlflow.run_name={model}-seed{seed}",
+                     *chosen, *child],
+                )  # fmt: skip
+                runs.append(
+                    {
+                        "model": model,
+                        "phase": "final",
+                        "seed": seed,
+                        "params": chosen,
+                        "run_id": info.get("run_id"),
+                        "valid": _valid_score(info["metrics"]),
+                        "metrics": info["metrics"],
+                    }
+                )
+                log.info("%s seed %d done (%.0f s so far)", model, seed, time.time() - t0)
+        (plan.out_dir / "runs.json").write_text(json.dumps(runs, indent=1))
+        long, md = results_tables(runs, cfg.train.ndcg_k, plan.base_model, plan.stan_model)
+        long.to_csv(plan.out_dir / "results.csv", index=False)
+        md += f"\n\nWall time: {time.time() - t0:.0f} s for {len(runs)} trainings.\n"
+        (plan.out_dir / "results.md").write_text(md)
+        for name in ("results.csv", "results.md", "runs.json"):
+            mlflow.log_artifact(str(plan.out_dir / name))
+        mlflow.log_metric("wall_seconds", time.time() - t0)
+    return {"runs": runs, "results": long, "markdown": md}
+
+
+def results_tables(
+    runs: list[dict[str, Any]], k: int, base_model: str, stan_model: str
+) -> tuple[pd.DataFrame, str]:
+    """(long table: model, task, metric, mean, std, n; markdown report)."""
+    final = [r for r in runs if r["phase"] == "final"]
+    rows = []
+    for r in final:
+        for key, value in r["metrics"].items():
+            parts = key.split("/")
+            if len(parts) != 3 or parts[0] != "test":
+                continue
+            _, task, metric = parts
+            metric = "ndcg" if metric == f"ndcg@{k}" else metric
+            if metric in METRICS:
+                rows.append({"model": r["model"], "seed": r["seed"], "task": task,
+                             "metric": metric, "value": value})  # fmt: skip
+    per_seed = pd.DataFrame(rows)
+    if per_seed.empty:
+        raise ValueError("no test metrics in the runs")
+    long = (
+        per_seed.groupby(["model", "task", "metric"], sort=False)["value"]
+        .agg(mean="mean", std=lambda s: float(s.std(ddof=1)) if len(s) > 1 else 0.0, n="count")
+        .reset_index()
+    )
+    means = long.set_index(["model", "task", "metric"])["mean"]
+    relas = []
+    if base_model in long["model"].values:
+        for (model, task, metric), value in means.items():
+            base = means.get((base_model, task, metric))
+            if base is None:
+                continue
+            if metric == "auc" and base != 0.5:
+                relas.append((model, task, "relaimpr_auc", rela_impr_auc(value, base)))
+            elif metric == "ndcg" and base != 0:
+                relas.append((model, task, "relaimpr_ndcg", rela_impr_ndcg(value, base)))
+    rela = pd.DataFrame(relas, columns=["model", "task", "metric", "mean"])
+    rela["std"], rela["n"] = np.nan, np.nan
+    long = pd.concat([long, rela], ignore_index=True)
+
+    tasks = list(dict.fromkeys(long["task"]))
+    models = list(dict.fromkeys(long["model"]))
+    lines = [f"Test days; mean ± std over seeds; NDCG@{k}; RelaImpr against {base_model}.", ""]
+    for task in tasks:
+        lines += [f"### {task}", "",
+                  "| model | AUC | GAUC | NDCG | LogLoss | RelaImpr AUC | RelaImpr NDCG |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for model in models:
+            cell = []
+            for metric in METRICS:
+                m = long[(long.model == model) & (long.task == task) & (long.metric == metric)]
+                cell.append(f"{m['mean'].iloc[0]:.4f} ± {m['std'].iloc[0]:.4f}" if len(m) else "")
+            for metric in ("relaimpr_auc", "relaimpr_ndcg"):
+                m = long[(long.model == model) & (long.task == task) & (long.metric == metric)]
+                cell.append(f"{100 * m['mean'].iloc[0]:+.2f}%" if len(m) else "")
+            lines.append(f"| {model} | " + " | ".join(cell) + " |")
+        lines.append("")
+    lines += _ttest_section(final, per_seed, stan_model)
+    return long, "\n".join(lines)
+
+
+def _ttest_section(final: list[dict], per_seed: pd.DataFrame, stan_model: str) -> list[str]:
+    from scipy import stats
+
+    baselines = [r for r in final if not r["model"].startswith("stan")]
+    if stan_model not in per_seed["model"].values or not baselines:
+        return ["(no paired t-test: STAN and a baseline are both needed)"]
+    valid = pd.DataFrame([{"model": r["model"], "valid": r["valid"]} for r in baselines])
+    best = valid.groupby("model")["valid"].mean().idxmax()
+    lines = [f"### Paired t-test: {stan_model} vs the best baseline ({best}, by mean valid AUC)",
+             "", "| task | metric | mean difference | t | p | seeds |", "|---|---|---|---|---|---|"]  # fmt: skip
+    auc = per_seed[per_seed.metric == "auc"]
+    for task in dict.fromkeys(auc["task"]):
+        a = auc[(auc.model == stan_model) & (auc.task == task)].set_index("seed")["value"]
+        b = auc[(auc.model == best) & (auc.task == task)].set_index("seed")["value"]
+        seeds = sorted(set(a.index) & set(b.index))
+        diff = float(np.mean(a[seeds].to_numpy() - b[seeds].to_numpy())) if seeds else float("nan")
+        if len(seeds) >= 2:
+            t, p = stats.ttest_rel(a[seeds], b[seeds])
+            lines.append(f"| {task} | AUC | {diff:+.4f} | {t:.3f} | {p:.4f} | {len(seeds)} |")
+        else:
+            lines.append(f"| {task} | AUC | {diff:+.4f} | n/a | n/a (one seed) | {len(seeds)} |")
+    return lines
