@@ -36,19 +36,43 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=V1,V2",
         help="a hyper-parameter grid axis, searched on the valid days (repeatable)",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL[,KEY=VALUE...]",
+        help="an extra row: a model with config overrides, e.g. stan_dnn=stan,model.stan.f=dnn",
+    )
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="add the paper's ablations: stan_no_beta, stan_dnn_f, stan_all_history",
+    )
+    p.add_argument("--no-stage-analysis", action="store_true")
     p.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun)")
     p.add_argument("--out", default="out/experiment")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
 
     from model.config import MODEL_NAMES, load_train_config
-    from model.experiment import ExperimentPlan, run_experiment
+    from model.experiment import ABLATIONS, ExperimentPlan, run_experiment
     from pipelines.spec import SpecError
 
     overrides = list(args.overrides) + ([f"spec={args.spec}"] if args.spec else [])
     try:
         cfg = load_train_config(args.conf, overrides)
         models = list(MODEL_NAMES) if args.models == "all" else args.models.split(",")
+        variants = {}
+        for item in args.variant:
+            name, _, rest = item.partition("=")
+            model, *sets = rest.split(",")
+            variants[name] = (model, sets)
+        if args.ablations:
+            variants |= ABLATIONS
+            for extra in ("stan_no_beta", *ABLATIONS):
+                if extra not in models:
+                    models.append(extra)
+        models += [v for v in variants if v not in models]
         search = {}
         for item in args.search:
             key, _, values = item.partition("=")
@@ -64,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides=overrides,
             spec_overrides=args.spec_overrides,
             nproc=args.nproc,
+            variants=variants,
+            stage_analysis=not args.no_stage_analysis,
         )
     except (SpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

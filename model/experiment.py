@@ -49,9 +49,16 @@ class ExperimentPlan:
     nproc: int = 1
     base_model: str = "mlp_single"
     stan_model: str = "stan"
+    # extra rows: name -> (model name, config overrides), e.g. the paper's ablations
+    variants: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    # t-SNE / silhouette / stage shift of STAN's and PLE's user representations (seed 0)
+    stage_analysis: bool = True
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        for name, (model, _) in self.variants.items():
+            if model not in MODEL_NAMES:
+                raise ValueError(f"variant {name!r}: unknown model {model!r}")
+        unknown = [m for m in self.models if m not in MODEL_NAMES and m not in self.variants]
         if unknown:
             raise ValueError(f"--models: unknown {unknown} (models: {list(MODEL_NAMES)})")
         if not self.seeds:
@@ -107,6 +114,7 @@ def run_experiment(plan: ExperimentPlan, cfg: TrainConfig) -> dict[str, Any]:
         )
         child = [f"mlflow.parent_run_id={parent.info.run_id}"]
         for model in plan.models:
+            base, extra = plan.variants.get(model, (model, []))
             chosen: list[str] = []
             if plan.search:
                 keys = list(plan.search)
@@ -119,7 +127,7 @@ def run_experiment(plan: ExperimentPlan, cfg: TrainConfig) -> dict[str, Any]:
                     info = _train(
                         plan,
                         plan.out_dir / "search" / model / tag,
-                        [f"model.name={model}", f"train.seed={plan.seeds[0]}",
+                        [f"model.name={base}", *extra, f"train.seed={plan.seeds[0]}",
                          "train.eval_splits=[valid]", f"mlflow.run_name={model}-search-{tag}",
                          *combo, *child],
                     )  # fmt: skip
@@ -135,7 +143,7 @@ def run_experiment(plan: ExperimentPlan, cfg: TrainConfig) -> dict[str, Any]:
                 info = _train(
                     plan,
                     plan.out_dir / "runs" / model / f"seed{seed}",
-                    [f"model.name={model}", f"train.seed={seed}",
+                    [f"model.name={base}", *extra, f"train.seed={seed}",
                      "train.eval_splits=[valid,test]", f"mlflow.run_name={model}-seed{seed}",
                      *chosen, *child],
                 )  # fmt: skip
@@ -146,6 +154,7 @@ def run_experiment(plan: ExperimentPlan, cfg: TrainConfig) -> dict[str, Any]:
                         "seed": seed,
                         "params": chosen,
                         "run_id": info.get("run_id"),
+                        "output_dir": str(plan.out_dir / "runs" / model / f"seed{seed}"),
                         "valid": _valid_score(info["metrics"]),
                         "metrics": info["metrics"],
                     }
@@ -156,6 +165,9 @@ def run_experiment(plan: ExperimentPlan, cfg: TrainConfig) -> dict[str, Any]:
         long.to_csv(plan.out_dir / "results.csv", index=False)
         md += f"\n\nWall time: {time.time() - t0:.0f} s for {len(runs)} trainings.\n"
         (plan.out_dir / "results.md").write_text(md)
+        if plan.stage_analysis:
+            md += _stage_analysis(plan, runs)
+            (plan.out_dir / "results.md").write_text(md)
         for name in ("results.csv", "results.md", "runs.json"):
             mlflow.log_artifact(str(plan.out_dir / name))
         mlflow.log_metric("wall_seconds", time.time() - t0)
@@ -244,3 +256,47 @@ def _ttest_section(final: list[dict], per_seed: pd.DataFrame, stan_model: str) -
         else:
             lines.append(f"| {task} | AUC | {diff:+.4f} | n/a | n/a (one seed) | {len(seeds)} |")
     return lines
+
+
+ABLATIONS: dict[str, tuple[str, list[str]]] = {
+    # STAN's f as a DNN instead of self-attention (the paper's experiments used a DNN)
+    "stan_dnn_f": ("stan", ["model.stan.f=dnn"]),
+    # pseudo-labels over all history instead of the 30-day window
+    "stan_all_history": ("stan", ["model.pseudo_labels=all_history"]),
+}
+
+
+def _stage_analysis(plan: ExperimentPlan, runs: list[dict[str, Any]]) -> str:
+    """Run the stage analysis on the first seed's STAN and PLE runs; log the PNGs."""
+    import mlflow
+
+    from model.stage_analysis import analyse_runs
+
+    first = {
+        r["model"]: r["output_dir"]
+        for r in runs
+        if r["phase"] == "final" and r["seed"] == plan.seeds[0] and r["model"] in ("stan", "ple")
+    }
+    if not first:
+        return ""
+    out = plan.out_dir / "stage_analysis"
+    result = analyse_runs(first, out)
+    for fig in result["figures"]:
+        mlflow.log_artifact(fig, "stage_analysis")
+    mlflow.log_metrics({f"silhouette_{k}": v for k, v in result["silhouette"].items()
+                        if math.isfinite(v)})  # fmt: skip
+    lines = ["", "### Stage analysis (first seed)", "",
+             "Silhouette of the rule-based stages in the user representation space "
+             "(higher separates the stages better): "
+             + ", ".join(f"{k} {v:.4f}" for k, v in result["silhouette"].items()), "",
+             f"Users per stage (training window): {result.get('stage_counts')}", "",
+             "Stage shift of the same users, first week (rows) to last week (columns):", "",
+             _markdown_matrix(result["stage_shift"]) if "stage_shift" in result else "", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _markdown_matrix(df: pd.DataFrame) -> str:
+    lines = ["| | " + " | ".join(map(str, df.columns)) + " |", "|---" * (len(df.columns) + 1) + "|"]
+    for idx, row in df.iterrows():
+        lines.append(f"| {idx} | " + " | ".join(str(int(v)) for v in row) + " |")
+    return "\n".join(lines)

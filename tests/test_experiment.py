@@ -90,6 +90,12 @@ def test_tiny_experiment_end_to_end(kuairand_train_lake, tmp_path) -> None:
     assert np.allclose(base, 0.0)
     md = (out / "results.md").read_text()
     assert "### click" in md and "Paired t-test: stan vs the best baseline (mlp_single" in md
+    # the stage analysis of STAN's user representations, logged as PNGs
+    assert (out / "stage_analysis" / "tsne_stan.png").stat().st_size > 10_000
+    assert (out / "stage_analysis" / "stage_shift.png").exists()
+    shift = pd.read_csv(out / "stage_analysis" / "stage_shift.csv", index_col=0)
+    assert shift.shape == (4, 4) and shift.to_numpy().sum() > 100
+    assert "### Stage analysis" in md and "silhouette" in md.lower()
     # the search never evaluated the test days
     search_metrics = list((out / "search").rglob("metrics.json"))
     assert len(search_metrics) == 4
