@@ -42,6 +42,10 @@ class StanConfig(_Strict):
     # Weight of the MSE term for rows without history (n_prev = 0, fallback pseudo-label):
     # 0 masks them, 1 trains on the train-window mean like any other target.
     no_history_weight: float = Field(0.0, ge=0.0)
+    # "none" (the paper): γ·BCE as is. "batch_mean": γ divided by its mean over the batch's real
+    # rows, per task, so that a rare task (γ ≈ its positive rate) keeps its loss scale and γ
+    # only reweights users relative to each other (see docs/experiments.md)
+    gamma_normalization: Literal["none", "batch_mean"] = "none"
     # U_i: the user features the preference module attends over (null: the spec's user
     # categorical features and user_id)
     user_features: list[str] | None = None

@@ -118,6 +118,7 @@ class STAN(PLE):
         self.preference = UserPreference(len(self.user_keys), cfg.embedding_dim, len(tasks), cfg)
         self.use_beta = beta
         self.no_history_weight = cfg.stan.no_history_weight
+        self.gamma_normalization = cfg.stan.gamma_normalization
         self.latent_stage = LatentStage(len(tasks), seed)
 
     @property
@@ -145,6 +146,9 @@ class STAN(PLE):
         pl = self.pseudo_labels(batch)
         preference = out.aux["preference"]
         gamma = out.aux.get("gamma", preference.detach())
+        if self.gamma_normalization == "batch_mean":
+            mean = (gamma * batch.mask[:, None]).sum(0) / batch.mask.sum().clamp_min(1.0)
+            gamma = gamma / mean.clamp_min(1e-6)
         history = torch.where(
             batch.n_prev > 0,
             torch.ones_like(batch.mask),

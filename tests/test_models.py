@@ -201,3 +201,23 @@ def test_stan_heads_must_divide_the_embedding_dim() -> None:
 
 def test_stan_is_a_ple() -> None:
     assert isinstance(_model("stan"), STAN)
+
+
+def test_stan_gamma_batch_mean_normalization() -> None:
+    """batch_mean: each task's γ is divided by its mean over the real rows (rare tasks keep
+    their loss scale); the relative weights of the rows stay."""
+    model = _model("stan", stan={"gamma_normalization": "batch_mean", "heads": 2})
+    batch = random_batch(tiny_layout(), 10, n_pad=2, seed=11)
+    model.train()
+    out = model(batch)
+    gamma, pref = out.aux["gamma"], out.aux["preference"]
+    real = batch.mask > 0
+    expected = []
+    for k in range(3):
+        g = gamma[real, k] / gamma[real, k].mean()
+        bce = F.binary_cross_entropy_with_logits(
+            out.logits[real, k], batch.labels[real, k], reduction="none"
+        )
+        mse = (batch.pseudo_labels[real, k] - pref[real, k]) ** 2 * (batch.n_prev[real] > 0)
+        expected.append((g * bce).mean() + mse.mean())
+    torch.testing.assert_close(model.loss(batch, out), torch.stack(expected))
