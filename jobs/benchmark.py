@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from model.launch import train_command
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -312,13 +314,8 @@ def bench_train(
                     *TRAIN_CONFIGS[config],
                 ]
                 if nproc > 1:
-                    cmd = [_py(), "-m", "torch.distributed.run", "--standalone"]
-                    cmd += ["--nproc-per-node", str(nproc), "-m", "jobs.train"]
                     sets.append(f"train.threads={max(1, (os.cpu_count() or 1) // nproc)}")
-                else:
-                    cmd = [_py(), "-m", "jobs.train"]
-                for s in sets:
-                    cmd += ["--set", s]
+                cmd = train_command(nproc, sets, python=_py())
                 out.mkdir(parents=True, exist_ok=True)
                 run = timed(cmd, out.parent / f"{out.name}.log")
                 metrics = json.loads((out / "metrics.json").read_text())["metrics"]

@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.config import load_config
 from pipelines.spec import FeatureSpec
 
-MODEL_NAMES = (
+ModelName = Literal[
     "mlp_single",
     "mlp_shared",
     "mmoe",
@@ -20,7 +20,8 @@ MODEL_NAMES = (
     "ple_stage",
     "stan",
     "stan_no_beta",
-)
+]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 
 class _Strict(BaseModel):
@@ -61,16 +62,7 @@ class StageConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal[
-        "mlp_single",
-        "mlp_shared",
-        "mmoe",
-        "ple",
-        "aitm",
-        "ple_stage",
-        "stan",
-        "stan_no_beta",
-    ] = "stan"
+    name: ModelName = "stan"
     # the tasks to train, in chain order for AITM (null: all tasks of the spec, in spec order)
     tasks: list[str] | None = None
     embedding_dim: int = Field(16, ge=1)

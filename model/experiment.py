@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from model.config import MODEL_NAMES, TrainConfig
+from model.launch import train_command
 from model.metrics import rela_impr_auc, rela_impr_ndcg
 
 log = logging.getLogger(__name__)
@@ -66,17 +66,12 @@ class ExperimentPlan:
 
 
 def _train(plan: ExperimentPlan, out: Path, sets: list[str]) -> dict[str, Any]:
-    if plan.nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd += ["--nproc-per-node", str(plan.nproc), "-m", "jobs.train"]
-    else:
-        cmd = [sys.executable, "-m", "jobs.train"]
-    if plan.train_conf:
-        cmd += ["--conf", plan.train_conf]
-    for s in [*plan.overrides, *sets, f"output_dir={out}", "train.resume=false"]:
-        cmd += ["--set", s]
-    for s in plan.spec_overrides:
-        cmd += ["--spec-set", s]
+    cmd = train_command(
+        plan.nproc,
+        [*plan.overrides, *sets, f"output_dir={out}", "train.resume=false"],
+        conf=plan.train_conf,
+        spec_sets=plan.spec_overrides,
+    )
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}): {' '.join(cmd)}")

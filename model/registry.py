@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from model.aitm import AITM
 from model.base import FeatureLayout, MultiTaskModel, TaskConfig
 from model.config import MODEL_NAMES, ModelConfig
@@ -12,8 +14,10 @@ from model.ple import PLE
 from model.ple_stage import PLEStage
 from model.stages import StageThresholds
 from model.stan import STAN
+from pipelines.artifacts import Artifacts
+from pipelines.spec import FeatureSpec
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "model_from_saved"]
 
 
 def build_model(
@@ -50,3 +54,27 @@ def build_model(
     if name in ("stan", "stan_no_beta"):
         return STAN(layout, tasks, cfg, beta=name == "stan", seed=seed)
     raise ValueError(f"model.name: {name!r} is not one of {MODEL_NAMES}")
+
+
+def model_from_saved(
+    saved: dict[str, Any], spec: FeatureSpec, artifacts: Artifacts
+) -> MultiTaskModel:
+    """The unsharded model of a trainer's ``model.pt`` (already loaded), weights in place, in
+    eval mode: its config, tasks and stage thresholds come from the file, the layout from the
+    spec and its fitted vocabularies."""
+    from model.base import TaskType, feature_layout
+    from model.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(saved["config"])
+    tasks = [TaskConfig(**{**t, "task_type": TaskType(t["task_type"])}) for t in saved["tasks"]]
+    thresholds = saved.get("stage_thresholds")
+    model = build_model(
+        cfg.model,
+        feature_layout(spec, artifacts.vocab_sizes),
+        tasks,
+        spec_tasks=[t.name for t in spec.tasks],
+        stage_thresholds=StageThresholds(**thresholds) if thresholds else None,
+        seed=cfg.train.seed,
+    )
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()

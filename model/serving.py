@@ -29,7 +29,7 @@ import torch
 import yaml
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from model.base import MultiTaskModel, TaskConfig, TaskType, feature_layout
+from model.base import MultiTaskModel, TaskConfig
 from model.data import Batch
 from pipelines.artifacts import Artifacts, vocab_tables
 from pipelines.artifacts import load as load_artifacts
@@ -144,17 +144,21 @@ class RawFeatureTransform:
         return num
 
     def _as_spark_strings(self, s: pd.Series, column: str, typ: str) -> pd.Series:
-        """The values as Spark's ``cast(<declared type> as string)`` writes them (None = null)."""
+        """The values as Spark's ``cast(<declared type> as string)`` writes them (NaN = null).
+
+        Each distinct value is formatted once (categorical columns have few), not each row.
+        """
         if typ == "string":
-            return s.map(
-                lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-            )
-        num = self._numeric(s, column, typ)
-        if typ in INTEGER_TYPES:
-            return num.map(lambda v: None if pd.isna(v) else str(int(v)))
-        if typ in FLOAT_TYPES:
-            return num.map(lambda v: None if pd.isna(v) else java_double_str(float(v)))
-        return s.map(lambda v: None if pd.isna(v) else str(v))
+            values, fmt = s.where(s.notna()), str
+        else:
+            values = self._numeric(s, column, typ)
+            if typ in INTEGER_TYPES:
+                fmt = lambda v: str(int(v))  # noqa: E731
+            elif typ in FLOAT_TYPES:
+                fmt = lambda v: java_double_str(float(v))  # noqa: E731
+            else:
+                values, fmt = s.where(s.notna()), str
+        return values.map({v: fmt(v) for v in pd.unique(values.dropna())})
 
     # ------------------------------------------------------------------ transform
     def sparse_indices(self, df: pd.DataFrame) -> np.ndarray:
@@ -257,27 +261,14 @@ class Scorer:
 def load_scorer(model_pt: str | Path, spec_yaml: str | Path, preprocessing: str | Path) -> Scorer:
     """A :class:`Scorer` from a run's files: ``model.pt``, the resolved spec, the artifacts dir."""
     from model.config import TrainConfig
-    from model.registry import build_model
-    from model.stages import StageThresholds
-    from pipelines.spec import FeatureSpec
+    from model.registry import model_from_saved
 
     saved = torch.load(model_pt, weights_only=False)
-    cfg = TrainConfig.model_validate(saved["config"])
     spec = FeatureSpec.model_validate(yaml.safe_load(Path(spec_yaml).read_text()))
     artifacts = load_artifacts(Path(preprocessing), spec, with_vocabs=True)
-    layout = feature_layout(spec, artifacts.vocab_sizes)
-    tasks = [TaskConfig(**{**t, "task_type": TaskType(t["task_type"])}) for t in saved["tasks"]]
-    thresholds = saved.get("stage_thresholds")
-    model = build_model(
-        cfg.model,
-        layout,
-        tasks,
-        spec_tasks=[t.name for t in spec.tasks],
-        stage_thresholds=StageThresholds(**thresholds) if thresholds else None,
-        seed=cfg.train.seed,
-    )
-    model.load_state_dict(saved["state_dict"])
-    return Scorer(model, RawFeatureTransform(spec, artifacts), tasks, cfg.model.pseudo_labels)
+    model = model_from_saved(saved, spec, artifacts)
+    pseudo_labels = TrainConfig.model_validate(saved["config"]).model.pseudo_labels
+    return Scorer(model, RawFeatureTransform(spec, artifacts), model.tasks, pseudo_labels)
 
 
 try:  # the pyfunc wrapper needs mlflow; the rest of this module does not

@@ -55,14 +55,14 @@ def stage_of_users(rates: pd.DataFrame, thr: StageThresholds) -> pd.Series:
 
 
 def _label_columns(bundle: Any) -> dict[str, tuple[str, float]]:
-    from model.stages import _target
+    from model.stages import target_column
 
     divisors = {t.name: float(bundle.artifacts.target_divisor(t.name)) for t in bundle.spec.tasks}
     st = bundle.cfg.model.stage
     return {
-        "ctr": _target(bundle.spec, st.ctr_task, divisors),
-        "dwell": _target(bundle.spec, st.dwell_task, divisors),
-        "conversion": _target(bundle.spec, st.conversion_task, divisors),
+        "ctr": target_column(bundle.spec, st.ctr_task, divisors),
+        "dwell": target_column(bundle.spec, st.dwell_task, divisors),
+        "conversion": target_column(bundle.spec, st.conversion_task, divisors),
     }
 
 

@@ -40,7 +40,7 @@ class StageThresholds:
         return torch.tensor([self.ctr, self.dwell, self.conversion], dtype=torch.float32)
 
 
-def _target(spec: FeatureSpec, task: str, divisors: dict[str, float]) -> tuple[str, float]:
+def target_column(spec: FeatureSpec, task: str, divisors: dict[str, float]) -> tuple[str, float]:
     kind = next(t.kind for t in spec.tasks if t.name == task)
     if kind == TaskKind.DWELL:
         return f"label_{task}_bin", float(divisors[task])
@@ -57,7 +57,7 @@ def fit_stage_thresholds(
     """The three medians from the ``train`` split of the examples table (read via its log)."""
     table = DeltaTable(examples, version=version)
     cols = {
-        key: _target(spec, getattr(cfg, f"{key}_task"), divisors)
+        key: target_column(spec, getattr(cfg, f"{key}_task"), divisors)
         for key in ("ctr", "dwell", "conversion")
     }
     data = table.to_pyarrow_dataset().to_table(

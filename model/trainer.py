@@ -50,7 +50,7 @@ from model.base import (
 from model.config import TrainConfig, check_against_spec
 from model.data import Batch, ExamplesLoader, make_loader
 from model.metrics import rela_impr_auc, rela_impr_ndcg, task_metrics
-from model.registry import build_model
+from model.registry import build_model, model_from_saved
 from model.stages import StageThresholds, fit_stage_thresholds
 from model.stan import STAN
 from pipelines.artifacts import Artifacts
@@ -760,7 +760,7 @@ def _train(
     if bar is not None:
         bar.update(step)
     dmp.train()
-    step_fn = _make_step(dmp, optimizer, device, tc.pipeline)
+    step_fn = _Step(dmp, optimizer, device, tc.pipeline)
     rows_here = train_loader.dataset.rows_per_rank[rank]
     batch_rows = tc.batch_size
     warmup = min(3, max(total_steps - step - 1, 0))  # steps left out of the throughput
@@ -985,10 +985,6 @@ class _Step:
             self.pipeline.detach()
 
 
-def _make_step(dmp: nn.Module, optimizer: Any, device: torch.device, pipeline: str) -> _Step:
-    return _Step(dmp, optimizer, device, pipeline)
-
-
 def _log_metrics_table(metrics: dict[str, float]) -> None:
     for key in sorted(metrics):
         log.info("%-32s %.5f", key, metrics[key])
@@ -1009,10 +1005,7 @@ def load_trained(
     bundle = prepare(cfg, spec_overrides, fit_stages=False)
     if saved["stage_thresholds"] is not None:
         bundle.stage_thresholds = StageThresholds(**saved["stage_thresholds"])
-    model = bundle.build()
-    model.load_state_dict(saved["state_dict"])
-    model.eval()
-    return model, bundle
+    return model_from_saved(saved, bundle.spec, bundle.artifacts), bundle
 
 
 @torch.no_grad()

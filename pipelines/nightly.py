@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,17 +162,14 @@ def _train(opts: NightlyOptions, tcfg, run_dir: Path, forced: bool) -> dict[str,
         init = _champion_weights(tcfg, run_dir.parent / "_champion")
         if init is not None:
             sets.append(f"train.init_from={init}")
-    if opts.nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd += ["--nproc-per-node", str(opts.nproc), "-m", "jobs.train"]
-    else:
-        cmd = [sys.executable, "-m", "jobs.train"]
-    if opts.train_conf:
-        cmd += ["--conf", opts.train_conf]
-    for s in [*opts.train_overrides, *sets]:
-        cmd += ["--set", s]
-    for s in opts.spec_overrides:
-        cmd += ["--spec-set", s]
+    from model.launch import train_command
+
+    cmd = train_command(
+        opts.nproc,
+        [*opts.train_overrides, *sets],
+        conf=opts.train_conf,
+        spec_sets=opts.spec_overrides,
+    )
     log.info("train: %s", " ".join(cmd))
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     if proc.returncode != 0:
