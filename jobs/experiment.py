@@ -4,6 +4,8 @@ days only, a results table on the test days, all under one MLflow parent run.
 python -m jobs.experiment --spec feature_specs/kuairand.yaml --models all --seeds 5
 python -m jobs.experiment --models mlp_single,ple,stan --seeds 3 --search optim.lr=0.001,0.003
 python -m jobs.experiment --models all --seeds 5 --set train.epochs=2 --set model.embedding_dim=32
+python -m jobs.experiment --models all --seeds 5 --ablations      # + w/o Beta, DNN f, all-history,
+                                                                  #   Stage_single
 
 Every model gets the same budget: the config's embedding dim, hidden units, batch and epochs
 (--set applies to all). Writes <out>/results.md, results.csv and runs.json.
@@ -46,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ablations",
         action="store_true",
-        help="add the paper's ablations: stan_no_beta, stan_dnn_f, stan_all_history",
+        help="add the paper's ablations: stan_no_beta, stan_dnn_f, stan_all_history, and "
+        "Stage_single of stan (unless --stage-single names another model)",
+    )
+    p.add_argument(
+        "--stage-single",
+        metavar="MODEL",
+        help="also train MODEL on each rule-based stage's rows alone (STAN's Stage_single)",
     )
     p.add_argument("--no-stage-analysis", action="store_true")
     p.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun)")
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             nproc=args.nproc,
             variants=variants,
             stage_analysis=not args.no_stage_analysis,
+            stage_single=args.stage_single or ("stan" if args.ablations else None),
         )
     except (SpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -124,6 +124,10 @@ class TrainLoopConfig(_Strict):
     tf32: bool = False
     # torch intra-op threads per process (0: torch's default)
     threads: int = Field(0, ge=0)
+    # Stage_single (STAN Sec. 4): train and evaluate on the rows of one rule-based stage only
+    stage_subset: Literal["new", "wander", "stick", "loyal"] | None = None
+    # also report every eval metric per rule-based stage: <split>/stage_<s>/<task>/<metric>
+    metrics_by_stage: bool = False
 
 
 class MlflowConfig(_Strict):

@@ -313,14 +313,7 @@ def _layout(spec: FeatureSpec, artifacts: Artifacts, pseudo_labels: str) -> _Lay
         else:
             label_columns.append(f"label_{t.name}")
         divisors.append(float(artifacts.target_divisor(t.name)))
-    if pseudo_labels == "window":
-        pl = [f"pl_{t}" for t in tasks]
-        n_prev = "n_prev"
-    elif pseudo_labels == "all_history":
-        pl = [f"pl_all_{t}" for t in tasks]
-        n_prev = "n_prev_all"
-    else:
-        raise ValueError(f"pseudo_labels={pseudo_labels!r}: use 'window' or 'all_history'")
+    pl, n_prev = pseudo_label_columns(tasks, pseudo_labels)
     return _Layout(
         sparse_keys=keys,
         sparse_columns=columns,
@@ -337,6 +330,15 @@ def _layout(spec: FeatureSpec, artifacts: Artifacts, pseudo_labels: str) -> _Lay
     )
 
 
+def pseudo_label_columns(tasks: Sequence[str], pseudo_labels: str) -> tuple[list[str], str]:
+    """The examples table's pseudo-label column per task and its history-length column."""
+    if pseudo_labels == "window":
+        return [f"pl_{t}" for t in tasks], "n_prev"
+    if pseudo_labels == "all_history":
+        return [f"pl_all_{t}" for t in tasks], "n_prev_all"
+    raise ValueError(f"pseudo_labels={pseudo_labels!r}: use 'window' or 'all_history'")
+
+
 def _open_dataset(path: str, version: int | None) -> tuple[ds.FileSystemDataset, int]:
     from deltalake import DeltaTable
 
@@ -349,13 +351,18 @@ def _open_dataset(path: str, version: int | None) -> tuple[ds.FileSystemDataset,
 
 
 def _row_filter(
-    splits: Sequence[str], start_date: str | None, end_date: str | None
+    splits: Sequence[str],
+    start_date: str | None,
+    end_date: str | None,
+    rows: ds.Expression | None = None,
 ) -> ds.Expression:
     expr = ds.field("split").isin(list(splits))
     if start_date is not None:
         expr = expr & (ds.field("date") >= start_date)
     if end_date is not None:
         expr = expr & (ds.field("date") <= end_date)
+    if rows is not None:
+        expr = expr & rows
     return expr
 
 
@@ -385,6 +392,7 @@ def count_rows_per_rank(
     end_date: str | None = None,
     check_columns: Sequence[str] = (),
     read_rows: int = 1 << 17,
+    rows: ds.Expression | None = None,
 ) -> np.ndarray:
     """[world_size] int64 rows per rank of the selected rows (one pass over ``user_id``).
 
@@ -392,7 +400,7 @@ def count_rows_per_rank(
     :class:`ExamplesTableError` naming the column, the row's ``example_id`` and the table.
     """
     dataset, version = _open_dataset(path, version)
-    expr = _row_filter(splits, start_date, end_date)
+    expr = _row_filter(splits, start_date, end_date, rows)
     cols = ["user_id", *(["example_id", *check_columns] if check_columns else [])]
     counts = np.zeros(world_size, np.int64)
     scan = _ordered(dataset, expr).to_batches(
@@ -445,6 +453,8 @@ class ExamplesDataset(IterableDataset):
             (``pl_all_<task>``, ``n_prev_all``).
         check_labels: check in the counting pass that no label is null or NaN.
         rows_per_rank: precomputed :func:`count_rows_per_rank` result (skips the counting pass).
+        rows: an extra Arrow filter on the table's columns (e.g. one lifecycle stage,
+            :func:`model.stages.stage_expression`); ranks still get equal batch counts.
         read_rows: rows per Arrow record batch read from the files (memory bound).
     """
 
@@ -469,6 +479,7 @@ class ExamplesDataset(IterableDataset):
         check_labels: bool = True,
         rows_per_rank: Sequence[int] | None = None,
         read_rows: int = 1 << 16,
+        rows: ds.Expression | None = None,
     ) -> None:
         super().__init__()
         self.path = str(path)
@@ -490,6 +501,7 @@ class ExamplesDataset(IterableDataset):
         self.start_date = start_date
         self.end_date = end_date
         self.read_rows = int(read_rows)
+        self.rows = rows
         self.layout = _layout(spec, artifacts, pseudo_labels)
         self.pseudo_labels = pseudo_labels
 
@@ -516,6 +528,7 @@ class ExamplesDataset(IterableDataset):
                 start_date=start_date,
                 end_date=end_date,
                 check_columns=self.layout.check_columns if check_labels else (),
+                rows=rows,
             )
         if len(rows_per_rank) != self.world_size:
             raise ValueError(f"rows_per_rank has {len(rows_per_rank)} entries, not {world_size}")
@@ -619,7 +632,7 @@ class ExamplesDataset(IterableDataset):
 
     def _scan(self) -> Iterator[pa.RecordBatch]:
         dataset, _ = _open_dataset(self.path, self.version)
-        expr = _row_filter(self.splits, self.start_date, self.end_date)
+        expr = _row_filter(self.splits, self.start_date, self.end_date, self.rows)
         cols = self.layout.batch_columns
         return _ordered(dataset, expr).to_batches(
             columns=cols,

@@ -27,13 +27,14 @@ import pandas as pd
 from model.config import MODEL_NAMES, TrainConfig
 from model.launch import train_command
 from model.metrics import rela_impr_auc, rela_impr_ndcg
+from model.stages import STAGES
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("auc", "gauc", "ndcg", "logloss")
 
-__all__ = ["ExperimentPlan", "results_tables", "run_experiment"]
+__all__ = ["ExperimentPlan", "results_tables", "run_experiment", "stage_single_table"]
 
 
 @dataclass
@@ -53,6 +54,9 @@ class ExperimentPlan:
     variants: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     # t-SNE / silhouette / stage shift of STAN's and PLE's user representations (seed 0)
     stage_analysis: bool = True
+    # Stage_single: this model (or variant) also trained on each rule-based stage's rows alone,
+    # against the same model trained on all rows and evaluated on that stage (None: skip)
+    stage_single: str | None = None
 
     def __post_init__(self) -> None:
         for name, (model, _) in self.variants.items():
@@ -63,6 +67,10 @@ class ExperimentPlan:
             raise ValueError(f"--models: unknown {unknown} (models: {list(MODEL_NAMES)})")
         if not self.seeds:
             raise ValueError("--seeds: at least one seed")
+        if self.stage_single is not None and self.stage_single not in self.models:
+            raise ValueError(
+                f"--stage-single {self.stage_single!r}: not among the models {self.models}"
+            )
 
 
 def _train(plan: ExperimentPlan, out: Path, sets: list[str]) -> dict[str, Any]:
@@ -134,37 +142,50 @@ def run_experiment(plan: ExperimentPlan, cfg: TrainConfig) -> dict[str, Any]:
                     if score > best[0]:
                         best = (score, combo)
                 chosen = best[1]
-            for seed in plan.seeds:
+            # the stage-only trainings reuse the selected configuration of the full model
+            stages = STAGES if model == plan.stage_single else ()
+            for subset, seed in itertools.product((None, *stages), plan.seeds):
+                name = model if subset is None else f"{model}@{subset}"
+                run_dir = plan.out_dir / "runs" / name / f"seed{seed}"
+                sets = ["train.metrics_by_stage=true"]
+                if subset is not None:
+                    sets.append(f"train.stage_subset={subset}")
                 info = _train(
                     plan,
-                    plan.out_dir / "runs" / model / f"seed{seed}",
-                    [f"model.name={base}", *extra, f"train.seed={seed}",
-                     "train.eval_splits=[valid,test]", f"mlflow.run_name={model}-seed{seed}",
+                    run_dir,
+                    [f"model.name={base}", *extra, f"train.seed={seed}", *sets,
+                     "train.eval_splits=[valid,test]", f"mlflow.run_name={name}-seed{seed}",
                      *chosen, *child],
                 )  # fmt: skip
                 runs.append(
                     {
                         "model": model,
-                        "phase": "final",
+                        "phase": "final" if subset is None else "stage_single",
+                        "stage": subset,
                         "seed": seed,
                         "params": chosen,
                         "run_id": info.get("run_id"),
-                        "output_dir": str(plan.out_dir / "runs" / model / f"seed{seed}"),
+                        "output_dir": str(run_dir),
                         "valid": _valid_score(info["metrics"]),
                         "metrics": info["metrics"],
                     }
                 )
-                log.info("%s seed %d done (%.0f s so far)", model, seed, time.time() - t0)
+                log.info("%s seed %d done (%.0f s so far)", name, seed, time.time() - t0)
         (plan.out_dir / "runs.json").write_text(json.dumps(runs, indent=1))
         long, md = results_tables(runs, cfg.train.ndcg_k, plan.base_model, plan.stan_model)
         long.to_csv(plan.out_dir / "results.csv", index=False)
+        if plan.stage_single is not None:
+            single, single_md = stage_single_table(runs, plan.stage_single)
+            single.to_csv(plan.out_dir / "stage_single.csv", index=False)
+            md += "\n\n" + single_md
         md += f"\n\nWall time: {time.time() - t0:.0f} s for {len(runs)} trainings.\n"
         (plan.out_dir / "results.md").write_text(md)
         if plan.stage_analysis:
             md += _stage_analysis(plan, runs)
             (plan.out_dir / "results.md").write_text(md)
-        for name in ("results.csv", "results.md", "runs.json"):
-            mlflow.log_artifact(str(plan.out_dir / name))
+        for name in ("results.csv", "results.md", "runs.json", "stage_single.csv"):
+            if (plan.out_dir / name).exists():
+                mlflow.log_artifact(str(plan.out_dir / name))
         mlflow.log_metric("wall_seconds", time.time() - t0)
     return {"runs": runs, "results": long, "markdown": md}
 
@@ -227,6 +248,48 @@ def results_tables(
         lines.append("")
     lines += _ttest_section(final, per_seed, stan_model)
     return long, "\n".join(lines)
+
+
+def stage_single_table(runs: list[dict[str, Any]], model: str) -> tuple[pd.DataFrame, str]:
+    """Stage_single: per stage and task, the test AUC of ``model`` trained on all rows and
+    evaluated on the stage's rows (``on_all``), against ``model`` trained on that stage's rows
+    alone (``on_stage``), means over seeds. A stage whose test rows hold one class for a task
+    has no AUC there (NaN)."""
+    aucs, sizes = [], {}
+    for r in runs:
+        if r["model"] != model or r["phase"] not in ("final", "stage_single"):
+            continue
+        trained_on = "on_all" if r["phase"] == "final" else "on_stage"
+        for key, value in r["metrics"].items():
+            parts = key.split("/")
+            if parts[0] != "test" or not parts[1].startswith("stage_"):
+                continue
+            stage = parts[1].removeprefix("stage_")
+            if len(parts) == 3 and parts[2] == "rows" and trained_on == "on_all":
+                sizes[stage] = int(value)
+            elif len(parts) == 4 and parts[3] == "auc":
+                if trained_on == "on_stage" and stage != r["stage"]:
+                    continue
+                aucs.append({"stage": stage, "task": parts[2], "trained_on": trained_on,
+                             "auc": value})  # fmt: skip
+    df = pd.DataFrame(aucs, columns=["stage", "task", "trained_on", "auc"])
+    table = df.pivot_table(index=["stage", "task"], columns="trained_on", values="auc",
+                           aggfunc="mean").reset_index()  # fmt: skip
+    for col in ("on_all", "on_stage"):
+        if col not in table:
+            table[col] = np.nan
+    table["difference"] = table["on_stage"] - table["on_all"]
+    table["test_rows"] = table["stage"].map(sizes)
+    table["order"] = table["stage"].map({s: i for i, s in enumerate(STAGES)})
+    table = table.sort_values(["order", "task"]).drop(columns="order").reset_index(drop=True)
+    lines = [f"### Stage_single: {model} trained on one stage's rows vs on all rows", "",
+             "Test AUC on the stage's test rows, mean over seeds.", "",
+             "| stage | test rows | task | trained on all rows | trained on the stage | "
+             "difference |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in table.itertuples():
+        lines.append(f"| {r.stage} | {r.test_rows} | {r.task} | {r.on_all:.4f} | "
+                     f"{r.on_stage:.4f} | {r.difference:+.4f} |")  # fmt: skip
+    return table, "\n".join(lines)
 
 
 def _ttest_section(final: list[dict], per_seed: pd.DataFrame, stan_model: str) -> list[str]:

@@ -12,7 +12,7 @@ from model.mlp_single import MLPSingle
 from model.mmoe import MMoE
 from model.ple import PLE
 from model.ple_stage import PLEStage
-from model.stages import StageThresholds
+from model.stages import StageThresholds, stage_task_index
 from model.stan import STAN
 from pipelines.artifacts import Artifacts
 from pipelines.spec import FeatureSpec
@@ -44,12 +44,7 @@ def build_model(
     if name == "ple_stage":
         if stage_thresholds is None:
             raise ValueError("ple_stage needs the fitted stage thresholds")
-        st = cfg.stage
-        index = (
-            spec_tasks.index(st.ctr_task),
-            spec_tasks.index(st.dwell_task),
-            spec_tasks.index(st.conversion_task),
-        )
+        index = stage_task_index(cfg.stage, spec_tasks)
         return PLEStage(layout, tasks, cfg, index, stage_thresholds)
     if name in ("stan", "stan_no_beta"):
         return STAN(layout, tasks, cfg, beta=name == "stan", seed=seed)

@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import torch
 from deltalake import DeltaTable
 
@@ -25,7 +27,13 @@ from pipelines.spec import FeatureSpec, TaskKind
 
 STAGES = ("new", "wander", "stick", "loyal")
 
-__all__ = ["STAGES", "StageThresholds", "assign_stages", "fit_stage_thresholds"]
+__all__ = [
+    "STAGES",
+    "StageThresholds",
+    "assign_stages",
+    "fit_stage_thresholds",
+    "stage_expression",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,16 @@ class StageThresholds:
 
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.ctr, self.dwell, self.conversion], dtype=torch.float32)
+
+
+def stage_task_index(cfg: StageConfig, spec_tasks: list[str]) -> tuple[int, int, int]:
+    """The spec task index (column of ``Batch.pseudo_labels``) of the CTR-like, dwell-like and
+    conversion-like tasks."""
+    return (
+        spec_tasks.index(cfg.ctr_task),
+        spec_tasks.index(cfg.dwell_task),
+        spec_tasks.index(cfg.conversion_task),
+    )
 
 
 def target_column(spec: FeatureSpec, task: str, divisors: dict[str, float]) -> tuple[str, float]:
@@ -89,3 +107,33 @@ def assign_stages(
     stage = torch.where(high_ctr, torch.ones_like(stage), stage)
     stage = torch.where(high_ctr & high_dwell, torch.full_like(stage, 2), stage)
     return torch.where(high_ctr & high_dwell & high_conv, torch.full_like(stage, 3), stage)
+
+
+def stage_expression(
+    stage: str,
+    thresholds: StageThresholds,
+    pl_columns: tuple[str, str, str],
+    n_prev_column: str,
+) -> ds.Expression:
+    """An Arrow filter selecting the rows of ``stage``: :func:`assign_stages` written over the
+    examples table's pseudo-label columns (ctr, dwell, conversion) and ``n_prev_column``.
+
+    The comparison is done in float32, as the model does it on the batch tensors, so a row on a
+    median's boundary gets the same stage here and in PLE_stage.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: use one of {STAGES}")
+
+    def above(col: str, value: float) -> ds.Expression:
+        return ds.field(col).cast(pa.float32()) > pa.scalar(np.float32(value), pa.float32())
+
+    ctr, dwell, conv = pl_columns
+    high_ctr = above(ctr, thresholds.ctr) & (ds.field(n_prev_column) > 0)
+    high_dwell = above(dwell, thresholds.dwell)
+    high_conv = above(conv, thresholds.conversion)
+    return {
+        "new": ~high_ctr,
+        "wander": high_ctr & ~high_dwell,
+        "stick": high_ctr & high_dwell & ~high_conv,
+        "loyal": high_ctr & high_dwell & high_conv,
+    }[stage]

@@ -48,10 +48,17 @@ from model.base import (
     task_configs,
 )
 from model.config import TrainConfig, check_against_spec
-from model.data import Batch, ExamplesLoader, make_loader
+from model.data import Batch, ExamplesLoader, make_loader, pseudo_label_columns
 from model.metrics import rela_impr_auc, rela_impr_ndcg, task_metrics
 from model.registry import build_model, model_from_saved
-from model.stages import StageThresholds, fit_stage_thresholds
+from model.stages import (
+    STAGES,
+    StageThresholds,
+    assign_stages,
+    fit_stage_thresholds,
+    stage_expression,
+    stage_task_index,
+)
 from model.stan import STAN
 from pipelines.artifacts import Artifacts
 from pipelines.artifacts import load as load_artifacts
@@ -121,6 +128,26 @@ class ModelBundle:
     stage_thresholds: StageThresholds | None
     spec_overrides: list[str] = field(default_factory=list)
 
+    def stage_rows(self) -> Any:
+        """The Arrow row filter of ``train.stage_subset`` (None: every row)."""
+        stage = self.cfg.train.stage_subset
+        if stage is None:
+            return None
+        assert self.stage_thresholds is not None
+        index = stage_task_index(self.cfg.model.stage, [t.name for t in self.spec.tasks])
+        pl, n_prev = pseudo_label_columns(
+            [self.spec.tasks[i].name for i in index], self.cfg.model.pseudo_labels
+        )
+        return stage_expression(stage, self.stage_thresholds, (pl[0], pl[1], pl[2]), n_prev)
+
+    def stage_of(self, batch: Batch) -> torch.Tensor:
+        """[B] stage index of each row (0 New .. 3 Loyal), as PLE_stage computes it."""
+        assert self.stage_thresholds is not None
+        i, j, k = stage_task_index(self.cfg.model.stage, [t.name for t in self.spec.tasks])
+        pl = batch.pseudo_labels
+        thresholds = self.stage_thresholds.as_tensor().to(pl.device)
+        return assign_stages(pl[:, i], pl[:, j], pl[:, k], batch.n_prev, thresholds)
+
     def build(self) -> MultiTaskModel:
         return build_model(
             self.cfg.model,
@@ -148,7 +175,10 @@ def prepare(
     divisors = {t.name: float(artifacts.target_divisor(t.name)) for t in spec.tasks}
     tasks = task_configs(spec, divisors, cfg.model.tasks)
     thresholds = None
-    if cfg.model.name == "ple_stage" and fit_stages:
+    needs_stages = (
+        cfg.model.name == "ple_stage" or cfg.train.stage_subset or cfg.train.metrics_by_stage
+    )
+    if needs_stages and fit_stages:
         thresholds = fit_stage_thresholds(
             tables.examples, spec, divisors, cfg.model.stage, cfg.table_version
         )
@@ -378,10 +408,14 @@ def _load_checkpoint(path: Path, dmp: nn.Module, optimizer: Any) -> dict[str, An
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def _predict(
-    model_call: Any, loader: ExamplesLoader, device: torch.device, tasks: list[TaskConfig]
+    model_call: Any,
+    loader: ExamplesLoader,
+    device: torch.device,
+    tasks: list[TaskConfig],
+    stage_of: Any = None,
 ) -> dict[str, np.ndarray]:
     """Scores and targets of this rank's real rows: example_id, user_key, scores [n, T],
-    labels [n, T] (the [0, 1] targets)."""
+    labels [n, T] (the [0, 1] targets), and with ``stage_of`` each row's stage [n]."""
     index = torch.tensor([t.label_index for t in tasks])
     parts: dict[str, list[np.ndarray]] = {
         "example_id": [],
@@ -389,6 +423,8 @@ def _predict(
         "scores": [],
         "labels": [],
     }
+    if stage_of is not None:
+        parts["stage"] = []
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
         scores = model_call(batch).float().cpu()
@@ -397,6 +433,8 @@ def _predict(
         parts["user_key"].append(batch.user_key.cpu()[real].numpy())
         parts["scores"].append(scores[real].numpy())
         parts["labels"].append(batch.labels.cpu()[real][:, index].numpy())
+        if stage_of is not None:
+            parts["stage"].append(stage_of(batch).cpu()[real].numpy())
     n_tasks = len(tasks)
     return {
         k: np.concatenate(v) if v else np.zeros((0, n_tasks) if k in ("scores", "labels") else 0)
@@ -429,6 +467,21 @@ def split_metrics(pred: dict[str, np.ndarray], tasks: list[TaskConfig], k: int) 
     return out
 
 
+def metrics_by_stage(
+    pred: dict[str, np.ndarray], tasks: list[TaskConfig], k: int
+) -> dict[str, float]:
+    """``stage_<s>/<task>/<metric>``: :func:`split_metrics` on each stage's rows."""
+    out: dict[str, float] = {}
+    for s, name in enumerate(STAGES):
+        rows = pred["stage"] == s
+        out[f"stage_{name}/rows"] = float(rows.sum())
+        if not rows.any():
+            continue
+        sub = {key: v[rows] for key, v in pred.items()}
+        out.update({f"stage_{name}/{key}": v for key, v in split_metrics(sub, tasks, k).items()})
+    return out
+
+
 def _gather_predictions(local: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     world = dist.get_world_size()
     parts: list[Any] = [None] * world
@@ -443,6 +496,8 @@ def _write_predictions(path: Path, pred: dict[str, np.ndarray], tasks: list[Task
     for i, t in enumerate(tasks):
         cols[f"score_{t.name}"] = pred["scores"][:, i]
         cols[f"target_{t.name}"] = pred["labels"][:, i]
+    if "stage" in pred:
+        cols["stage"] = np.asarray(STAGES)[pred["stage"]]
     order = np.argsort(pred["example_id"], kind="stable")
     pq.write_table(pa.table({k: v[order] for k, v in cols.items()}), path)
 
@@ -663,6 +718,8 @@ def _train(
         out_dir.mkdir(parents=True, exist_ok=True)
     tables = Tables.for_spec(cfg.lake, bundle.spec)
 
+    stage_rows = bundle.stage_rows()
+
     def loader(split: str, batch_size: int) -> ExamplesLoader:
         return make_loader(
             tables.examples,
@@ -676,13 +733,15 @@ def _train(
             num_workers=tc.num_workers,
             pin_memory=device.type == "cuda",
             pseudo_labels=cfg.model.pseudo_labels,
+            rows=stage_rows,
         )
 
     version = cfg.table_version
     train_loader = loader("train", tc.batch_size)
     version = train_loader.dataset.version  # pinned: the eval splits read the same snapshot
     if train_loader.dataset.num_batches == 0:
-        raise ValueError(f"{tables.examples} (version {version}) has no train rows")
+        subset = f" of stage {tc.stage_subset!r}" if tc.stage_subset else ""
+        raise ValueError(f"{tables.examples} (version {version}) has no train rows{subset}")
     eval_loaders = {s: loader(s, tc.eval_batch_size) for s in tc.eval_splits}
 
     torch.manual_seed(tc.seed)
@@ -866,11 +925,14 @@ def _train(
     def scores(batch: Batch) -> torch.Tensor:
         return torch.sigmoid(dmp(batch)[1][1])
 
+    stage_of = bundle.stage_of if tc.metrics_by_stage else None
     for split, ev in eval_loaders.items():
-        pred = _gather_predictions(_predict(scores, ev, device, bundle.tasks))
+        pred = _gather_predictions(_predict(scores, ev, device, bundle.tasks, stage_of))
         if rank == 0 and pred is not None:
             _write_predictions(out_dir / f"predictions_{split}.parquet", pred, bundle.tasks)
             m = split_metrics(pred, bundle.tasks, tc.ndcg_k)
+            if stage_of is not None:
+                m |= metrics_by_stage(pred, bundle.tasks, tc.ndcg_k)
             metrics.update({f"{split}/{k}": v for k, v in m.items()})
     weights = gather_state_dict(dmp)
     if rank == 0 and tc.relaimpr_base:

@@ -63,7 +63,7 @@ def test_tiny_experiment_end_to_end(kuairand_train_lake, tmp_path) -> None:
     out = tmp_path / "exp"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cmd = [sys.executable, "-m", "jobs.experiment", "--models", "mlp_single,stan", "--seeds", "1"]
-    cmd += ["--search", "optim.lr=0.001,0.003", "--out", str(out)]
+    cmd += ["--search", "optim.lr=0.001,0.003", "--stage-single", "stan", "--out", str(out)]
     for s in (
         f"lake={kuairand_train_lake['lake']}",
         "model.embedding_dim=8",
@@ -101,11 +101,25 @@ def test_tiny_experiment_end_to_end(kuairand_train_lake, tmp_path) -> None:
     assert len(search_metrics) == 4
     for path in search_metrics:
         assert '"test/' not in path.read_text()
-    # one parent run with 6 child runs (4 search + 2 final)
+    # Stage_single: STAN trained on each stage's rows alone, evaluated on that stage only
+    for stage in ("new", "wander", "stick", "loyal"):
+        pred = pd.read_parquet(
+            out / "runs" / f"stan@{stage}" / "seed0" / "predictions_test.parquet"
+        )
+        assert len(pred) > 0 and set(pred["stage"]) == {stage}
+    full = pd.read_parquet(out / "runs" / "stan" / "seed0" / "predictions_test.parquet")
+    assert full["stage"].value_counts().to_dict() == {
+        s: len(pd.read_parquet(out / "runs" / f"stan@{s}" / "seed0" / "predictions_test.parquet"))
+        for s in full["stage"].unique()
+    }
+    single = pd.read_csv(out / "stage_single.csv")
+    assert {"stage", "task", "on_all", "on_stage", "difference", "test_rows"} <= set(single.columns)
+    assert "### Stage_single: stan" in md
+    # one parent run with 10 child runs (4 search + 2 final + 4 Stage_single)
     db = sqlite3.connect(tmp_path / "mlflow.db")
     parents = db.execute("select run_uuid from runs where name='experiment'").fetchall()
     assert len(parents) == 1
     children = db.execute(
         "select count(*) from tags where key='mlflow.parentRunId' and value=?", parents[0]
     ).fetchone()[0]
-    assert children == 6
+    assert children == 10
