@@ -56,10 +56,11 @@ class AITM(MultiTaskModel):
         self.towers = nn.ModuleList(Tower(dim, cfg.tower_hidden, cfg.dropout) for _ in tasks)
 
     def heads(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        z = self.bottoms[0](x)
+        xs = list(x.unbind(0)) if x.dim() == 3 else [x] * len(self.tasks)  # DTRN: per task
+        z = self.bottoms[0](xs[0])
         logits = [self.towers[0](z)]
         for k in range(1, len(self.tasks)):
-            z = self.ait[k - 1](self.transfers[k - 1](z), self.bottoms[k](x))
+            z = self.ait[k - 1](self.transfers[k - 1](z), self.bottoms[k](xs[k]))
             logits.append(self.towers[k](z))
         return torch.stack(logits, dim=1)
 

@@ -62,19 +62,45 @@ class TaskConfig:
     is_dwell: bool = False
     divisor: float = 1.0
     weight: float = 1.0
+    # regression targets: "log1p" regresses log(1 + value) (play time in seconds)
+    transform: str = "none"
 
 
 def task_configs(
-    spec: FeatureSpec, divisors: dict[str, float], names: list[str] | None = None
+    spec: FeatureSpec,
+    divisors: dict[str, float],
+    names: list[str] | None = None,
+    regression: tuple[str, ...] = (),
 ) -> list[TaskConfig]:
-    """TaskConfigs of ``names`` (default all spec tasks, spec order); unknown names raise."""
+    """TaskConfigs of ``names`` (default all spec tasks, spec order); unknown names raise.
+
+    A dwell task named in ``regression`` is a regression on log1p of its continuous value
+    (``Batch.labels`` column T_s + j for the j-th dwell task of the spec) instead of the
+    binned soft target.
+    """
     order = [t.name for t in spec.tasks]
     by_name = {t.name: t for t in spec.tasks}
+    dwell = [t.name for t in spec.tasks if t.kind == TaskKind.DWELL]
     out = []
     for name in names or order:
         if name not in by_name:
             raise ValueError(f"task {name!r} is not in spec {spec.name!r} (tasks: {order})")
         t = by_name[name]
+        if name in regression:
+            if name not in dwell:
+                raise ValueError(
+                    f"task {name!r} is {t.kind.value}: only a dwell task has a continuous value "
+                    "to regress on"
+                )
+            out.append(
+                TaskConfig(
+                    name=name,
+                    task_type=TaskType.REGRESSION,
+                    label_index=len(order) + dwell.index(name),
+                    transform="log1p",
+                )
+            )
+            continue
         out.append(
             TaskConfig(
                 name=name,
@@ -97,6 +123,8 @@ class FeatureLayout:
         user_keys / item_keys / context_keys: the sparse keys of each group (``user_id`` and
             ``item_id`` included in theirs).
         n_dense: F.
+        sequence_keys: the behaviour sequences' KJT keys (``Batch.sequences``), M of them.
+        item_rows: rows of the item vocabulary (the sequences hold item indices).
     """
 
     sparse_keys: list[str]
@@ -105,6 +133,8 @@ class FeatureLayout:
     item_keys: list[str]
     context_keys: list[str]
     n_dense: int
+    sequence_keys: list[str] = field(default_factory=list)
+    item_rows: int = 0
 
     def positions(self, keys: list[str]) -> list[int]:
         return [self.sparse_keys.index(k) for k in keys]
@@ -127,6 +157,8 @@ def feature_layout(spec: FeatureSpec, vocab_sizes: dict[str, int]) -> FeatureLay
         item_keys=[f.name for f in spec.item.categorical] + ["item_id"],
         context_keys=[f.name for f in spec.context.categorical],
         n_dense=len(spec.dense_features),
+        sequence_keys=[f"seq_{s.name}" for s in spec.sequences],
+        item_rows=next(rows for rows, keys in tables.values() if "item_id" in keys),
     )
 
 
@@ -184,7 +216,9 @@ class MultiTaskModel(nn.Module):
     """Base of the ranking models: embeddings + dense features in, T logits out.
 
     Subclasses implement :meth:`heads` on the flat input ``x`` = [embeddings of the K keys,
-    dense features] ([B, K * D + F]); STAN overrides :meth:`forward` / :meth:`loss`.
+    dense features] ([B, K * D + F]); STAN overrides :meth:`forward` / :meth:`loss`. With
+    ``cfg.name == "dtrn"`` the input is DTRN's T task-specific bottoms instead ([T, B, I]); the
+    backbones that accept them (MMoE, PLE, AITM, STAN) give task k its own ``x[k]``.
     """
 
     def __init__(self, layout: FeatureLayout, tasks: list[TaskConfig], cfg: ModelConfig) -> None:
@@ -196,20 +230,51 @@ class MultiTaskModel(nn.Module):
         self.cfg = cfg
         self.sparse_arch = SparseArch(layout, cfg.embedding_dim)
         self.input_dim = len(layout.sparse_keys) * cfg.embedding_dim + layout.n_dense
+        self.task_bottom: nn.Module | None = None
+        if cfg.name == "dtrn":
+            from model.dtrn import DTRNBottom
+
+            d = cfg.dtrn
+            self.task_bottom = DTRNBottom(
+                self.input_dim, cfg.embedding_dim, len(tasks), layout.sequence_keys,
+                layout.item_rows, d.heads, d.ffn_hidden, d.condition, d.hyper_embedding_dim,
+                d.hyper_hidden, d.trm_reduction,
+            )  # fmt: skip
+            self.input_dim = self.task_bottom.out_dim
+            self.item_position = layout.sparse_keys.index("item_id")
         self.register_buffer(
             "label_index", torch.tensor([t.label_index for t in tasks]), persistent=False
+        )
+        self.register_buffer(
+            "is_binary",
+            torch.tensor([t.task_type == TaskType.BINARY for t in tasks]),
+            persistent=False,
+        )
+        self.register_buffer(
+            "is_log1p", torch.tensor([t.transform == "log1p" for t in tasks]), persistent=False
         )
 
     # --- inputs -------------------------------------------------------------------------
     def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings [B, K, D], flat input x [B, K * D + F])."""
+        """(embeddings [B, K, D], input x): x is [B, K * D + F], or with DTRN the T
+        task-specific bottoms [T, B, I]."""
         emb = self.sparse_arch(batch.sparse_features)
         x = torch.cat([emb.flatten(1), batch.dense_features], dim=1)
+        if self.task_bottom is not None:
+            x = self.task_bottom(x, emb[:, self.item_position], batch.sequences)
         return emb, x
 
     def labels(self, batch: Batch) -> torch.Tensor:
-        """The model's tasks' targets [B, T] in [0, 1]."""
-        return batch.labels.index_select(1, self.label_index)
+        """The model's tasks' targets [B, T]: in [0, 1] for binary tasks, log1p of the value
+        for log1p regression tasks."""
+        y = batch.labels.index_select(1, self.label_index)
+        return torch.where(self.is_log1p, torch.log1p(y.clamp_min(0)), y)
+
+    def to_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, T] logits -> scores: sigmoid for binary tasks, the predicted value for
+        regression tasks (expm1 of the prediction for log1p targets, e.g. seconds)."""
+        value = torch.where(self.is_log1p, torch.expm1(logits).clamp_min(0.0), logits)
+        return torch.where(self.is_binary, torch.sigmoid(logits), value)
 
     def pseudo_labels(self, batch: Batch) -> torch.Tensor:
         return batch.pseudo_labels.index_select(1, self.label_index)
@@ -244,8 +309,8 @@ class MultiTaskModel(nn.Module):
         return torch.tensor([t.weight for t in self.tasks])
 
     def scores(self, batch: Batch) -> torch.Tensor:
-        """Ranking scores [B, T] in [0, 1] (no state is updated)."""
-        return torch.sigmoid(self.forward(batch).logits)
+        """Ranking scores [B, T] (:meth:`to_scores`; no state is updated)."""
+        return self.to_scores(self.forward(batch).logits)
 
 
 class MultiTaskTrain(nn.Module):

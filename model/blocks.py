@@ -97,8 +97,9 @@ def _mix(gate_logits: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor
 class MMoELayer(nn.Module):
     """Multi-gate Mixture-of-Experts: E shared experts, one softmax gate per task.
 
-    Call: x [B, I] -> list of T tensors [B, H]. The last gate weights ([B, E] per task) are kept
-    in ``last_gates`` for inspection.
+    Call: x [B, I] -> list of T tensors [B, H]. With task-specific inputs x [T, B, I] (DTRN's
+    bottoms) the experts run on each task's input and task k's gate mixes those. The last gate
+    weights ([B, E] per task) are kept in ``last_gates`` for inspection.
     """
 
     def __init__(self, in_dim: int, n_tasks: int, n_experts: int, hidden: Sequence[int]) -> None:
@@ -106,13 +107,19 @@ class MMoELayer(nn.Module):
         self.experts = ExpertGroup(in_dim, n_experts, hidden)
         self.gates = nn.ModuleList(nn.Linear(in_dim, n_experts) for _ in range(n_tasks))
         self.out_dim = self.experts.out_dim
+        self.experts_shape = (n_experts, self.out_dim)
         self.last_gates: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        experts = self.experts(x)
+        if x.dim() == 3:
+            T, B, _ = x.shape
+            per_task = self.experts(x.reshape(T * B, -1)).view(T, B, *self.experts_shape)
+            inputs, experts = list(x.unbind(0)), list(per_task.unbind(0))
+        else:
+            inputs, experts = [x] * len(self.gates), [self.experts(x)] * len(self.gates)
         outs, self.last_gates = [], []
-        for gate in self.gates:
-            mixed, w = _mix(gate(x), experts)
+        for gate, xk, ek in zip(self.gates, inputs, experts, strict=True):
+            mixed, w = _mix(gate(xk), ek)
             outs.append(mixed)
             self.last_gates.append(w.detach())
         return outs

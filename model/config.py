@@ -20,6 +20,8 @@ ModelName = Literal[
     "ple_stage",
     "stan",
     "stan_no_beta",
+    "dtrn",
+    "htlnet",
 ]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
@@ -52,6 +54,40 @@ class StanConfig(_Strict):
     user_features: list[str] | None = None
 
 
+class DTRNConfig(_Strict):
+    """DTRN's task-specific bottoms (model/dtrn.py), used when ``model.name`` is ``dtrn``."""
+
+    # the MTL model the T bottoms feed
+    backbone: Literal["mmoe", "ple", "aitm", "stan"] = "ple"
+    heads: int = Field(1, ge=1)
+    ffn_hidden: int = Field(64, ge=1)
+    # where the (task, behaviour) condition enters TIM (DTRN Table 6); "ln" is the paper's CLN
+    condition: Literal["ln", "qkv", "ffn1", "ffn2"] = "ln"
+    hyper_embedding_dim: int = Field(8, ge=1)
+    hyper_hidden: int = Field(32, ge=1)
+    # TRM's squeeze ratio (SENet): hidden = input width // reduction
+    trm_reduction: int = Field(4, ge=1)
+
+
+class HTLNetConfig(_Strict):
+    """HTLNet (model/htlnet.py), used when ``model.name`` is ``htlnet``. The chain is
+    ``model.tasks`` in order (default click -> long_view -> dwell); its last task is the
+    continuous core target, a dwell-kind task regressed on log1p of its value."""
+
+    # the chain when model.tasks is null; the last task is the core regression target
+    chain: list[str] = Field(default_factory=lambda: ["click", "long_view", "dwell"])
+    label_embedding_dim: int = Field(8, ge=1)
+    # Gumbel-softmax temperature of the sampled label (predicted, not true, labels)
+    gumbel_tau: float = Field(1.0, gt=0)
+    # the gradient adjustment on the shared dense parameters (projection + magnitude)
+    gradient_adjustment: bool = True
+    # G_t <- γ·min(‖G_core‖/‖G_t‖, C)·G_t + (1 − γ)·G_t
+    magnitude_gamma: float = Field(0.5, ge=0.0, le=1.0)
+    magnitude_clip: float = Field(2.0, gt=0)
+    # weight of the core regression loss in the total
+    core_weight: float = Field(1.0, gt=0)
+
+
 class StageConfig(_Strict):
     """The rule-based stages (STAN Sec. 2.1): users split by the medians of a CTR-like, a
     dwell-like and a conversion-like task (New / Wander / Stick / Loyal)."""
@@ -75,6 +111,8 @@ class ModelConfig(_Strict):
     ple: PLEConfig = Field(default_factory=PLEConfig)
     stan: StanConfig = Field(default_factory=StanConfig)
     stage: StageConfig = Field(default_factory=StageConfig)
+    dtrn: DTRNConfig = Field(default_factory=DTRNConfig)
+    htlnet: HTLNetConfig = Field(default_factory=HTLNetConfig)
     # AITM's behavioural-expectation calibrator weight (0 = off: KuaiRand's tasks are not a
     # strict funnel, a like does not need a click of the same impression's probability order)
     aitm_calibration_weight: float = Field(0.0, ge=0.0)
@@ -189,6 +227,24 @@ def check_against_spec(cfg: TrainConfig, spec: FeatureSpec) -> None:
             raise ValueError(
                 f"model.stage.{key}: task {name!r} is not in spec {spec.name!r} (tasks: {tasks})"
             )
+    if cfg.model.name == "htlnet":
+        chain = cfg.model.tasks or cfg.model.htlnet.chain
+        kinds = {t.name: t.kind.value for t in spec.tasks}
+        for name in chain:
+            if name not in kinds:
+                raise ValueError(
+                    f"model.htlnet.chain: {name!r} is not a task of spec {spec.name!r} ({tasks})"
+                )
+        if len(chain) < 2 or kinds[chain[-1]] != "dwell":
+            raise ValueError(
+                f"model.htlnet.chain {chain}: HTLNet needs binary tasks followed by a dwell "
+                "task (the continuous core target)"
+            )
+    if cfg.model.name == "dtrn" and not spec.sequences:
+        raise ValueError(
+            f"model.name: dtrn needs behaviour sequences, and spec {spec.name!r} has none "
+            "(add a `sequences:` section and rebuild the features)"
+        )
     if cfg.model.pseudo_labels == "all_history" and not spec.pseudo_labels.all_history:
         raise ValueError(
             "model.pseudo_labels: all_history needs pseudo_labels.all_history: true in spec "

@@ -91,8 +91,9 @@ class Batch(Pipelineable):
             user's earlier events (oldest first), variable lengths (0 for padding rows); ``None``
             when the spec has no sequences.
         dense_features: [B, F] float32, in spec order (``spec.dense_features``).
-        labels: [B, T] float32 in spec task order: binary 0/1; dwell tasks the soft target
-            ``bin / (n_bins - 1)`` in [0, 1].
+        labels: [B, T + T_d] float32 in spec task order: binary 0/1; dwell tasks the soft
+            target ``bin / (n_bins - 1)`` in [0, 1]; then, per dwell task (T_d of them), its
+            continuous value (e.g. play seconds) for regression targets.
         pseudo_labels: [B, T] float32, the running pseudo-labels ``pl_<task>`` (or
             ``pl_all_<task>``), the training window's mean when the user has no history.
         n_prev: [B] int64, the number of earlier events behind the pseudo-labels (0 = fallback).
@@ -271,6 +272,7 @@ class _Layout:
     tasks: list[str]
     label_columns: list[str]  # per task: label_<t> or label_<t>_bin
     label_divisors: list[float]  # per task: 1 or n_bins - 1
+    continuous_columns: list[str]  # per dwell task: label_<t>, the value (labels T_s + j)
     check_columns: list[str]  # every label column checked for null / NaN up front
     pl_columns: list[str]
     n_prev_column: str
@@ -281,6 +283,7 @@ class _Layout:
     def batch_columns(self) -> list[str]:
         cols = ["user_id", "user_idx", "event_time_ms", "example_id", self.n_prev_column]
         cols += self.sparse_columns + self.dense_columns + self.label_columns + self.pl_columns
+        cols += self.continuous_columns
         cols += self.seq_columns
         return list(dict.fromkeys(cols))
 
@@ -322,6 +325,7 @@ def _layout(spec: FeatureSpec, artifacts: Artifacts, pseudo_labels: str) -> _Lay
         tasks=tasks,
         label_columns=label_columns,
         label_divisors=divisors,
+        continuous_columns=[f"label_{t.name}" for t in spec.tasks if t.kind == TaskKind.DWELL],
         check_columns=checks,
         pl_columns=pl,
         n_prev_column=n_prev,
@@ -744,6 +748,12 @@ class ExamplesDataset(IterableDataset):
                 self._error(f"label column {lay.label_columns[j]!r} is {what}", table, bad)
             if div != 1.0:
                 labels[:, j] /= np.float32(div)
+        if lay.continuous_columns:
+            values = floats(lay.continuous_columns, "label")
+            bad = (values[:n] < 0).any(axis=1)
+            if bad.any():
+                self._error("a continuous label column is negative", table, bad)
+            labels = np.concatenate([labels, values], axis=1)
 
         sequences = None
         if lay.seq_columns:

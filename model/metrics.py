@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
+    "regression_metrics",
     "auc",
     "gauc",
     "gini",
@@ -485,3 +486,15 @@ def spearman(y: ArrayLike, yhat: ArrayLike) -> float:
         which = "y" if st == 0 else "yhat"
         raise ValueError(f"Spearman correlation is undefined: {which} is constant")
     return float(np.clip(np.dot(rt, rp) / np.sqrt(st * sp), -1.0, 1.0))
+
+
+def regression_metrics(y: ArrayLike, yhat: ArrayLike) -> dict[str, float]:
+    """NRMSE, NMAE, normalised Gini and Spearman of a continuous target, plus ``n``."""
+    t, p = _regression_pair(y, yhat)
+    return {
+        "nrmse": nrmse(t, p),
+        "nmae": nmae(t, p),
+        "gini": gini(t, p),
+        "spearman": spearman(t, p),
+        "n": float(len(t)),
+    }

@@ -14,7 +14,8 @@ from model.data import Batch
 class PLEBackbone(nn.Module):
     """``layers`` CGC layers (Eq. 1-3); the last one has no shared gate.
 
-    Call: x [B, I] -> T task representations [B, H].
+    Call: x [B, I] -> T task representations [B, H]. With task-specific inputs x [T, B, I]
+    (DTRN's bottoms) task k's experts take x[k] and the shared experts their mean.
     """
 
     def __init__(self, in_dim: int, n_tasks: int, cfg: ModelConfig) -> None:
@@ -36,7 +37,7 @@ class PLEBackbone(nn.Module):
         self.out_dim = width
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = [x] * (self.n_tasks + 1)
+        h = list(x.unbind(0)) + [x.mean(0)] if x.dim() == 3 else [x] * (self.n_tasks + 1)
         for layer in self.layers:
             h = layer(h)
         return h

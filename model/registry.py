@@ -7,6 +7,7 @@ from typing import Any
 from model.aitm import AITM
 from model.base import FeatureLayout, MultiTaskModel, TaskConfig
 from model.config import MODEL_NAMES, ModelConfig
+from model.htlnet import HTLNet
 from model.mlp_shared import MLPShared
 from model.mlp_single import MLPSingle
 from model.mmoe import MMoE
@@ -30,7 +31,9 @@ def build_model(
     seed: int = 0,
 ) -> MultiTaskModel:
     """The model ``cfg.name`` (see :data:`model.config.MODEL_NAMES`)."""
-    name = cfg.name
+    name = cfg.dtrn.backbone if cfg.name == "dtrn" else cfg.name
+    if name == "htlnet":
+        return HTLNet(layout, tasks, cfg)
     if name == "mlp_single":
         return MLPSingle(layout, tasks, cfg)
     if name == "mlp_shared":

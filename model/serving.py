@@ -33,7 +33,7 @@ from model.base import MultiTaskModel, TaskConfig
 from model.data import Batch
 from pipelines.artifacts import Artifacts, vocab_tables
 from pipelines.artifacts import load as load_artifacts
-from pipelines.spec import DenseTransform, FeatureSpec
+from pipelines.spec import DenseTransform, FeatureSpec, TaskKind
 
 __all__ = [
     "RankerModel",
@@ -102,6 +102,7 @@ class RawFeatureTransform:
         ]
         self.input_columns = types
         self.tasks = [t.name for t in spec.tasks]
+        self.n_dwell = sum(t.kind == TaskKind.DWELL for t in spec.tasks)
 
     @staticmethod
     def input_types(spec: FeatureSpec) -> dict[str, str]:
@@ -217,7 +218,7 @@ class RawFeatureTransform:
             ),
             sequences=None,
             dense_features=torch.from_numpy(self.dense_values(df)),
-            labels=torch.zeros(n, len(self.tasks)),
+            labels=torch.zeros(n, len(self.tasks) + self.n_dwell),
             pseudo_labels=torch.from_numpy(pl),
             n_prev=torch.from_numpy(n_prev),
             user_idx=torch.from_numpy(sparse[keys.index("user_id")].copy()),

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from model.base import (
 )
 from model.config import TrainConfig, check_against_spec
 from model.data import Batch, ExamplesLoader, make_loader, pseudo_label_columns
-from model.metrics import rela_impr_auc, rela_impr_ndcg, task_metrics
+from model.metrics import regression_metrics, rela_impr_auc, rela_impr_ndcg, task_metrics
 from model.registry import build_model, model_from_saved
 from model.stages import (
     STAGES,
@@ -159,6 +159,19 @@ class ModelBundle:
         )
 
 
+def model_tasks(
+    cfg: TrainConfig, spec: FeatureSpec, divisors: dict[str, float]
+) -> list[TaskConfig]:
+    """The model's tasks: ``model.tasks`` (or the spec's); HTLNet's chain ends in a regression
+    on the continuous core target, weighted by ``model.htlnet.core_weight``."""
+    if cfg.model.name != "htlnet":
+        return task_configs(spec, divisors, cfg.model.tasks)
+    chain = cfg.model.tasks or cfg.model.htlnet.chain
+    tasks = task_configs(spec, divisors, chain, regression=(chain[-1],))
+    tasks[-1] = replace(tasks[-1], weight=cfg.model.htlnet.core_weight)
+    return tasks
+
+
 def prepare(
     cfg: TrainConfig, spec_overrides: list[str] | None = None, fit_stages: bool = True
 ) -> ModelBundle:
@@ -173,7 +186,7 @@ def prepare(
     artifacts = load_artifacts(tables.artifacts, spec, with_vocabs=False)
     layout = feature_layout(spec, artifacts.vocab_sizes)
     divisors = {t.name: float(artifacts.target_divisor(t.name)) for t in spec.tasks}
-    tasks = task_configs(spec, divisors, cfg.model.tasks)
+    tasks = model_tasks(cfg, spec, divisors)
     thresholds = None
     needs_stages = (
         cfg.model.name == "ple_stage" or cfg.train.stage_subset or cfg.train.metrics_by_stage
@@ -206,16 +219,31 @@ def shard(
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.types import ShardingEnv
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     opt_cls, opt_kwargs = _sparse_optimizer(cfg)
-    apply_optimizer_in_backward(opt_cls, train_module.model.sparse_arch.parameters(), opt_kwargs)
-    layout = train_module.model.layout
+    # the pooled tables, and DTRN's sequence table (an unpooled EmbeddingCollection)
+    collections = [
+        m
+        for m in train_module.model.modules()
+        if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)
+    ]
+    sparse_params = [p for m in collections for p in m.parameters()]
+    apply_optimizer_in_backward(opt_cls, sparse_params, opt_kwargs)
+    table_names = [
+        c.name
+        for m in collections
+        for c in (
+            m.embedding_bag_configs()
+            if isinstance(m, EmbeddingBagCollection)
+            else m.embedding_configs()
+        )
+    ]
     constraints = {
-        f"t_{table}": ParameterConstraints(sharding_types=[cfg.train.sharding])
-        for table in layout.tables
+        name: ParameterConstraints(sharding_types=[cfg.train.sharding]) for name in table_names
     }
     topology = Topology(
         world_size=world_size,
@@ -445,6 +473,7 @@ def _predict(
 def split_metrics(pred: dict[str, np.ndarray], tasks: list[TaskConfig], k: int) -> dict[str, float]:
     """``<task>/<metric>`` for every task: AUC, GAUC, NDCG@k, LogLoss on the split's rows.
 
+    Regression tasks: NRMSE, NMAE, Gini and Spearman of the predicted value (e.g. seconds).
     Dwell tasks: AUC / GAUC / LogLoss on the binarised target (bin in the upper half, i.e. soft
     target > 0.5), NDCG with the bin index as graded relevance. A metric that is undefined on
     these rows (one class only) is left out with a warning.
@@ -452,7 +481,13 @@ def split_metrics(pred: dict[str, np.ndarray], tasks: list[TaskConfig], k: int) 
     out: dict[str, float] = {}
     for i, task in enumerate(tasks):
         y = pred["labels"][:, i]
-        if task.task_type != TaskType.BINARY:
+        if task.task_type == TaskType.REGRESSION:
+            try:
+                m = regression_metrics(y, pred["scores"][:, i])
+            except ValueError as err:
+                log.warning("task %s: metrics undefined on these rows (%s)", task.name, err)
+                continue
+            out.update({f"{task.name}/{name}": float(v) for name, v in m.items()})
             continue
         relevance = np.rint(y * task.divisor) if task.is_dwell else None
         binary = (y > 0.5).astype(np.float64) if task.is_dwell else y
@@ -923,7 +958,7 @@ def _train(
         metrics["train/gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
 
     def scores(batch: Batch) -> torch.Tensor:
-        return torch.sigmoid(dmp(batch)[1][1])
+        return inner.to_scores(dmp(batch)[1][1])
 
     stage_of = bundle.stage_of if tc.metrics_by_stage else None
     for split, ev in eval_loaders.items():

@@ -20,6 +20,8 @@ def tiny_layout() -> FeatureLayout:
         item_keys=["genre", "item_id"],
         context_keys=["tab"],
         n_dense=3,
+        sequence_keys=["seq_clicked", "seq_liked"],
+        item_rows=TABLE_ROWS["item_id"],
     )
 
 
@@ -32,10 +34,33 @@ def tiny_tasks() -> list[TaskConfig]:
     ]
 
 
+def htlnet_tasks() -> list[TaskConfig]:
+    """HTLNet's chain on the tiny layout: click -> like -> play seconds (labels column 3)."""
+    return [
+        TaskConfig("click", TaskType.BINARY, 0),
+        TaskConfig("like", TaskType.BINARY, 2),
+        TaskConfig("dwell", TaskType.REGRESSION, 3, transform="log1p"),
+    ]
+
+
+def random_sequences(
+    layout: FeatureLayout, batch_size: int, g: torch.Generator, max_len: int = 6
+) -> KeyedJaggedTensor:
+    """Item sequences per key of ``layout.sequence_keys``, 0..max_len items each."""
+    M, B = len(layout.sequence_keys), batch_size
+    lengths = torch.randint(0, max_len + 1, (M * B,), generator=g)
+    lengths[0] = 0  # at least one empty sequence
+    values = torch.randint(1, layout.item_rows, (int(lengths.sum()),), generator=g)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(layout.sequence_keys), values=values, lengths=lengths.int()
+    )
+
+
 def random_batch(
     layout: FeatureLayout, batch_size: int = 16, seed: int = 0, n_users: int = 5, n_pad: int = 0
 ) -> Batch:
-    """A batch of ``batch_size`` rows, the last ``n_pad`` of them padding (mask 0)."""
+    """A batch of ``batch_size`` rows, the last ``n_pad`` of them padding (mask 0). Labels:
+    click, dwell (soft target), like, then the dwell's value in seconds."""
     g = torch.Generator().manual_seed(seed)
     B = batch_size
     users = torch.randint(1, n_users + 1, (B,), generator=g)
@@ -55,6 +80,7 @@ def random_batch(
             torch.randint(0, 2, (B,), generator=g).float(),
             torch.randint(0, 4, (B,), generator=g).float() / 3.0,
             torch.randint(0, 2, (B,), generator=g).float(),
+            torch.rand(B, generator=g) * 60.0,
         ],
         dim=1,
     )
@@ -63,7 +89,7 @@ def random_batch(
         mask[-n_pad:] = 0.0
     return Batch(
         sparse_features=kjt,
-        sequences=None,
+        sequences=random_sequences(layout, B, g) if layout.sequence_keys else None,
         dense_features=torch.randn(B, layout.n_dense, generator=g),
         labels=labels * mask[:, None],
         pseudo_labels=torch.rand(B, 3, generator=g),
