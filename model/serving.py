@@ -8,7 +8,9 @@ torchrun: the model is the unsharded one gathered at the end of training (``mode
 Input: a pandas DataFrame with the raw columns named as in the source log and side tables
 (``RawFeatureTransform.input_columns``): the user and item id columns and every feature's
 column. Optional: ``pl_<task>`` / ``n_prev`` (the running pseudo-labels, needed by PLE_stage only;
-missing ones take the training window's mean and ``n_prev = 0``).
+missing ones take the training window's mean and ``n_prev = 0``), and ``seq_<name>`` (the
+behaviour sequences as the examples table holds them: lists of item indices, used by DTRN;
+a missing column or null row is an empty sequence).
 
 Conventions: a null feature value, and an id or category never seen in the training window, map
 to the OOV index 0 (as in training); a null dense value takes the spec's ``fill``. A missing
@@ -103,6 +105,7 @@ class RawFeatureTransform:
         self.input_columns = types
         self.tasks = [t.name for t in spec.tasks]
         self.n_dwell = sum(t.kind == TaskKind.DWELL for t in spec.tasks)
+        self.sequence_columns = [f"seq_{s.name}" for s in spec.sequences]
 
     @staticmethod
     def input_types(spec: FeatureSpec) -> dict[str, str]:
@@ -118,6 +121,31 @@ class RawFeatureTransform:
                 else:
                     types[f.column] = src.columns[f.column]
         return types
+
+    def sequences(self, df: pd.DataFrame) -> KeyedJaggedTensor | None:
+        """The ``seq_<name>`` columns (lists of item indices) as a KJT; None without any."""
+        if not self.sequence_columns:
+            return None
+        rows = int(self.artifacts.vocab_sizes["item_id"])
+        values, lengths = [], []
+        for col in self.sequence_columns:
+            cells = df[col].tolist() if col in df.columns else [None] * len(df)
+            for i, cell in enumerate(cells):
+                items = np.zeros(0, np.int64) if cell is None else np.asarray(cell)
+                if items.size and (
+                    items.dtype.kind not in "iu" or items.min() < 0 or items.max() >= rows
+                ):
+                    raise ScoringInputError(
+                        f"input column {col!r}, row {i}: expected a list of item indices in "
+                        f"[0, {rows}), got {cell!r:.80}"
+                    )
+                values.append(items.astype(np.int64, copy=False))
+                lengths.append(items.size)
+        return KeyedJaggedTensor(
+            keys=list(self.sequence_columns),
+            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+            lengths=torch.tensor(lengths, dtype=torch.int32),
+        )
 
     # ------------------------------------------------------------------ columns
     def _column(self, df: pd.DataFrame, column: str) -> pd.Series:
@@ -186,7 +214,9 @@ class RawFeatureTransform:
             out[:, j] = x.astype(np.float32)
         return out
 
-    def batch(self, df: pd.DataFrame, pseudo_labels: str = "window") -> Batch:
+    def batch(
+        self, df: pd.DataFrame, pseudo_labels: str = "window", sequences: bool = True
+    ) -> Batch:
         """A :class:`Batch` of the rows (labels zero, every row real)."""
         n = len(df)
         sparse = self.sparse_indices(df)
@@ -216,7 +246,7 @@ class RawFeatureTransform:
                 values=torch.from_numpy(sparse.reshape(-1)),
                 lengths=torch.ones(len(keys) * n, dtype=torch.int32),
             ),
-            sequences=None,
+            sequences=self.sequences(df) if sequences else None,
             dense_features=torch.from_numpy(self.dense_values(df)),
             labels=torch.zeros(n, len(self.tasks) + self.n_dwell),
             pseudo_labels=torch.from_numpy(pl),
@@ -245,13 +275,16 @@ class Scorer:
         self.tasks = tasks
         self.pseudo_labels = pseudo_labels
         self.batch_size = batch_size
+        # only DTRN reads the behaviour sequences: others skip building them
+        self.uses_sequences = model.task_bottom is not None
 
     @torch.no_grad()
     def score(self, df: pd.DataFrame) -> pd.DataFrame:
         parts = []
         for start in range(0, len(df), self.batch_size):
             chunk = df.iloc[start : start + self.batch_size]
-            parts.append(self.model.scores(self.transform.batch(chunk, self.pseudo_labels)).numpy())
+            batch = self.transform.batch(chunk, self.pseudo_labels, self.uses_sequences)
+            parts.append(self.model.scores(batch).numpy())
         scores = np.concatenate(parts) if parts else np.zeros((0, len(self.tasks)), np.float32)
         return pd.DataFrame(
             {f"score_{t.name}": scores[:, i].astype(np.float64) for i, t in enumerate(self.tasks)},
@@ -306,12 +339,16 @@ def pyfunc_signature(spec: FeatureSpec, tasks: list[str]) -> Any:
     """Input: the raw columns with their declared types (``pl_<task>`` / ``n_prev`` optional);
     output: ``score_<task>`` doubles."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
 
     transform_types = RawFeatureTransform.input_types(spec)
     inputs = [ColSpec(_MLFLOW_TYPES.get(t, "string"), c) for c, t in transform_types.items()]
     inputs += [ColSpec("double", f"pl_{t}", required=False) for t in spec_tasks(spec)]
     inputs.append(ColSpec("long", "n_prev", required=False))
+    inputs += [
+        ColSpec(Array(DataType.long), f"seq_{s.name}", required=False) for s in spec.sequences
+    ]
     outputs = [ColSpec("double", f"score_{t}") for t in tasks]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 

@@ -174,5 +174,6 @@ def _with_pseudo_labels(
         log.warning("no examples for %s: PLE_stage-like models score without history", date)
         return raw
     pl = [f"pl_{t.name}" for t in spec.tasks] + ["n_prev"]
+    pl += [f"seq_{s.name}" for s in spec.sequences]  # DTRN's inputs, strictly earlier events
     ex = delta_io.read_delta(spark, examples).where(F.col("date") == date)
     return raw.join(ex.select("example_id", *pl), "example_id", "left")

@@ -133,3 +133,35 @@ def test_nightly_failure_names_the_step_and_keeps_earlier_outputs(
     assert record["failed_step"] == "train" and record["steps"]["build"]["status"] == "skipped"
     assert "score" not in record["steps"]
     assert DeltaTable(str(lake / "kuairand" / "examples")).version() == before
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("dtrn", ["model.dtrn.ffn_hidden=16"]),
+        ("htlnet", ["model.bottom_hidden=[32,16]"]),
+    ],
+)
+def test_nightly_chain_trains_registers_and_scores_dtrn_and_htlnet(
+    name: str, extra: list[str], kuairand_train_lake, kuairand_run, tmp_path
+) -> None:
+    """DTRN and HTLNet go through train -> register -> Spark batch scoring like any model: the
+    champion's batch scores (DTRN reading the day's behaviour sequences) equal the trainer's."""
+    lake = tmp_path / "lake"
+    shutil.copytree(kuairand_train_lake["lake"], lake)
+    run = {**kuairand_run, "spec_overrides": kuairand_train_lake["spec_overrides"]}
+    sets = [f"model.name={name}", f"registry.model_name=nightly-{name}", *extra]
+    proc = _nightly(lake, run, tmp_path / "runs", *[a for s in sets for a in ("--set-train", s)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = json.loads(proc.stdout)["steps"]
+    assert steps["register"]["promoted"] and steps["score"]["status"] == "done"
+    scored = DeltaTable(str(lake / "kuairand" / "predictions")).to_pandas()
+    trainer = pq.read_table(tmp_path / "runs" / "2022-05-08" / "predictions_test.parquet")
+    trainer = trainer.to_pandas().set_index("example_id").loc[scored["example_id"]]
+    tasks = ["click", "long_view", "dwell"] if name == "htlnet" else ["click", "like", "follow"]
+    for task in tasks:
+        np.testing.assert_allclose(
+            scored[f"score_{task}"], trainer[f"score_{task}"], rtol=1e-4, atol=1e-5
+        )
+    if name == "htlnet":  # the core target is scored as a value (seconds), not a probability
+        assert (scored["score_dwell"] >= 0).all() and scored["score_dwell"].std() > 0
