@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("auc", "gauc", "ndcg", "logloss")
+# a continuous target (HTLNet's core task): its own table
+REGRESSION_METRICS = ("nrmse", "nmae", "gini", "spearman")
+# the paper's baselines: the paired t-test compares STAN with the best of these
+PAPER_BASELINES = ("mlp_single", "mlp_shared", "mmoe", "ple", "aitm", "ple_stage")
 
 __all__ = ["ExperimentPlan", "results_tables", "run_experiment", "stage_single_table"]
 
@@ -203,7 +207,7 @@ def results_tables(
                 continue
             _, task, metric = parts
             metric = "ndcg" if metric == f"ndcg@{k}" else metric
-            if metric in METRICS:
+            if metric in METRICS or metric in REGRESSION_METRICS:
                 rows.append({"model": r["model"], "seed": r["seed"], "task": task,
                              "metric": metric, "value": value})  # fmt: skip
     per_seed = pd.DataFrame(rows)
@@ -233,10 +237,28 @@ def results_tables(
     models = list(dict.fromkeys(long["model"]))
     lines = [f"Test days; mean ± std over seeds; NDCG@{k}; RelaImpr against {base_model}.", ""]
     for task in tasks:
+        regression = long[(long.task == task) & long.metric.isin(REGRESSION_METRICS)]
+        if len(regression):
+            lines += [f"### {task} (continuous target)", "",
+                      "| model | NRMSE | NMAE | Gini | Spearman |", "|---|---|---|---|---|"]  # fmt: skip
+            for model in dict.fromkeys(regression["model"]):
+                cell = []
+                for metric in REGRESSION_METRICS:
+                    m = regression[(regression.model == model) & (regression.metric == metric)]
+                    cell.append(
+                        f"{m['mean'].iloc[0]:.4f} ± {m['std'].iloc[0]:.4f}" if len(m) else ""
+                    )
+                lines.append(f"| {model} | " + " | ".join(cell) + " |")
+            lines.append("")
+        models_with_task = set(long[(long.task == task) & long.metric.isin(METRICS)]["model"])
+        if not models_with_task:
+            continue
         lines += [f"### {task}", "",
                   "| model | AUC | GAUC | NDCG | LogLoss | RelaImpr AUC | RelaImpr NDCG |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for model in models:
+            if model not in models_with_task:
+                continue
             cell = []
             for metric in METRICS:
                 m = long[(long.model == model) & (long.task == task) & (long.metric == metric)]
@@ -295,7 +317,7 @@ def stage_single_table(runs: list[dict[str, Any]], model: str) -> tuple[pd.DataF
 def _ttest_section(final: list[dict], per_seed: pd.DataFrame, stan_model: str) -> list[str]:
     from scipy import stats
 
-    baselines = [r for r in final if not r["model"].startswith("stan")]
+    baselines = [r for r in final if r["model"] in PAPER_BASELINES]
     if stan_model not in per_seed["model"].values or not baselines:
         return ["(no paired t-test: STAN and a baseline are both needed)"]
     valid = pd.DataFrame([{"model": r["model"], "valid": r["valid"]} for r in baselines])

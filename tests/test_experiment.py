@@ -123,3 +123,25 @@ def test_tiny_experiment_end_to_end(kuairand_train_lake, tmp_path) -> None:
         "select count(*) from tags where key='mlflow.parentRunId' and value=?", parents[0]
     ).fetchone()[0]
     assert children == 10
+
+
+def test_results_table_with_htlnet_and_dtrn_rows() -> None:
+    runs = [_run("mlp_single", s, 0.70 + s / 100, 0.69) for s in (0, 1)]
+    runs += [_run("stan", s, 0.72 + s / 100, 0.70) for s in (0, 1)]
+    # DTRN has the best valid AUC, but the t-test compares STAN with the paper's baselines
+    runs += [_run("dtrn", s, 0.75, 0.80) for s in (0, 1)]
+    for s, (nrmse, spear) in enumerate([(0.9, 0.5), (1.1, 0.6)]):
+        run = _run("htlnet", s, 0.71, 0.99)
+        run["metrics"] |= {"test/dwell/nrmse": nrmse, "test/dwell/nmae": 0.7,
+                           "test/dwell/gini": 0.4, "test/dwell/spearman": spear}  # fmt: skip
+        runs.append(run)
+    long, md = results_tables(runs, 5, "mlp_single", "stan")
+    row = long[(long.model == "htlnet") & (long.task == "dwell") & (long.metric == "nrmse")]
+    assert row["mean"].iloc[0] == pytest.approx(1.0)
+    assert "### dwell (continuous target)" in md
+    assert (
+        "| htlnet | 1.0000 ± 0.1414 | 0.7000 ± 0.0000 | 0.4000 ± 0.0000 | 0.5500 ± 0.0707 |" in md
+    )
+    assert "### dwell\n" not in md  # no binary-metric table for a task without AUC
+    assert "| dtrn | 0.7500 ± 0.0000 |" in md
+    assert "best baseline (mlp_single" in md
