@@ -341,3 +341,36 @@ def test_dtrn_and_htlnet_train_sharded_on_two_processes(
         assert 0 < metrics["test/dwell/spearman"] <= 1 and metrics["test/dwell/nrmse"] > 0
         assert (theirs["score_dwell"] >= 0).all() and theirs["score_dwell"].max() > 1
         assert set(theirs["target_dwell"].round(3)) != {0, 1}
+
+
+def test_two_simulated_nodes_train_like_one_node(
+    uninterrupted: Path, kuairand_train_lake, tmp_path
+):
+    """The multi-node launch (`torchrun --nnodes 2` with a c10d rendezvous, one process per
+    node, both on localhost) runs the same code path as a cluster: it ends with the same weights
+    and history as the single-node 2-process run."""
+    out = tmp_path / "run"
+    args = _args(kuairand_train_lake, out)
+    port = 29400 + os.getpid() % 1000
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+               "-m", "jobs.train", *args]  # fmt: skip
+        log = open(tmp_path / f"node{node}.log", "w")
+        nodes.append((subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, env=env), log))
+    for node, (proc, log) in enumerate(nodes):
+        code = proc.wait(timeout=900)
+        log.close()
+        assert code == 0, (tmp_path / f"node{node}.log").read_text()[-4000:]
+    logs = "".join((tmp_path / f"node{n}.log").read_text() for n in range(2))
+    assert "2 ranks" in logs
+    a = torch.load(uninterrupted / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    ha = json.loads((uninterrupted / "metrics.json").read_text())["history"]
+    assert json.loads((out / "metrics.json").read_text())["history"] == ha
