@@ -329,13 +329,45 @@ def bench_train(
                 }
                 if "train/gpu_peak_mem_gb" in metrics:
                     row["gpu_peak_mem_gb"] = round(metrics["train/gpu_peak_mem_gb"], 2)
+                row |= utilisation(sets, b, row["samples_per_s"], metrics, tf32)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
 
 
+def utilisation(
+    sets: list[str], batch_size: int, samples_per_s: float, metrics: dict, tf32: bool
+) -> dict:
+    """Dense FLOPs per sample (counted on one real step of the unsharded model), the achieved
+    TFLOP/s, and on a known GPU the MFU against its peak for the precision used."""
+    import torch
+
+    from model.config import load_train_config
+    from model.data import make_loader
+    from model.flops import dense_flops_per_sample, peak_tflops
+    from model.trainer import prepare
+    from pipelines.build import Tables
+
+    cfg = load_train_config(REPO / "conf" / "train.yaml", sets)
+    bundle = prepare(cfg)
+    torch.manual_seed(0)
+    model = bundle.build()
+    loader = make_loader(Tables.for_spec(cfg.lake, bundle.spec).examples, bundle.spec,
+                         bundle.artifacts, "train", min(batch_size, 1024),
+                         pseudo_labels=cfg.model.pseudo_labels)  # fmt: skip
+    flops = dense_flops_per_sample(model, next(iter(loader)))["train"]
+    achieved = flops * samples_per_s / 1e12
+    out = {"dense_gflop_per_sample": round(flops / 1e9, 4), "achieved_tflops": round(achieved, 3)}
+    if "train/gpu_peak_mem_gb" in metrics and torch.cuda.is_available():
+        peak = peak_tflops(torch.cuda.get_device_name(0), "tf32" if tf32 else "fp32")
+        if peak:
+            out["mfu"] = round(achieved / peak, 4)
+    return out
+
+
 def train_markdown(rows: list[dict]) -> str:
-    cols = ["bench", "batch", "samples_per_s", "steps", "seconds", "peak_rss_mb", "gpu_peak_mem_gb"]
+    cols = ["bench", "batch", "samples_per_s", "steps", "seconds", "peak_rss_mb", "gpu_peak_mem_gb",
+            "dense_gflop_per_sample", "achieved_tflops", "mfu"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
