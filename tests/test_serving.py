@@ -121,3 +121,22 @@ def test_unseen_ids_and_nulls_score_as_oov(kuairand_scorer) -> None:
     keys = [s[0] for s in scorer.transform.sparse]
     assert (idx[keys.index("user_id")] == 0).all()
     assert (idx[keys.index("user_active_degree")] == 0).all()
+
+
+def test_sequence_columns_become_the_batch_sequences(kuairand_scorer) -> None:
+    """seq_<name> cells (lists of item indices, as the examples table holds them) become the
+    KJT DTRN reads; a missing column or a null cell is an empty sequence; a bad cell is an
+    error naming the column and row."""
+    scorer, raw = kuairand_scorer
+    transform = scorer.transform
+    rows = raw.head(3).copy()
+    rows["seq_clicked"] = [[5, 7], None, [9]]
+    kjt = transform.sequences(rows)
+    assert kjt.keys() == transform.sequence_columns
+    by_key = kjt.to_dict()
+    assert by_key["seq_clicked"].lengths().tolist() == [2, 0, 1]
+    assert by_key["seq_clicked"].values().tolist() == [5, 7, 9]
+    assert by_key["seq_liked"].lengths().tolist() == [0, 0, 0]
+    rows["seq_liked"] = [[1], [2, 10**9], []]
+    with pytest.raises(ScoringInputError, match=r"input column 'seq_liked', row 1"):
+        transform.sequences(rows)
