@@ -26,7 +26,7 @@ Shapes: B batch, T tasks, M behaviour types, L padded sequence length, D embeddi
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -138,18 +138,41 @@ def _film(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Te
     return x * scale + shift
 
 
-def _attend(
-    attn: _Attention, q: torch.Tensor, kv: torch.Tensor, valid: torch.Tensor
+def _cross_attention_packed(
+    attn: _Attention,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    group: torch.Tensor,
+    m_index: torch.Tensor,
+    b_index: torch.Tensor,
+    n_behaviours: int,
 ) -> torch.Tensor:
-    """Attention with leading condition dims: q [..., Lq, D], kv [..., L, D], valid [M, B, L]
-    (the leading dims broadcast together) -> [..., Lq, D] over the broadcast dims."""
-    lead = torch.broadcast_shapes(q.shape[:-2], kv.shape[:-2], valid.shape[:-1])
-    q = q.expand(*lead, *q.shape[-2:])
-    kv = kv.expand(*lead, *kv.shape[-2:])
-    valid = valid.expand(*lead, valid.shape[-1])
-    out = attn(q.reshape(-1, *q.shape[-2:]), kv.reshape(-1, *kv.shape[-2:]),
-               valid.reshape(-1, valid.shape[-1]))  # fmt: skip
-    return out.view(*lead, *out.shape[-2:])
+    """Attention of one query per (behaviour, row) group over that group's real tokens only.
+
+    q [Tq, Mq, B, D] (Tq in {1, T}, Mq in {1, M}), kv [Tk, N, D] (the N real tokens, Tk in
+    {1, T}), group [N] = m * B + b of each token -> [T', M, B, D] (T' = max(Tq, Tk)). A group
+    without tokens gets the output projection's bias (its interest is zeroed by the caller).
+    The softmax runs per group with scatter reductions, so no padded position is ever touched.
+    """
+    _, Mq, B, D = q.shape
+    H = attn.heads
+    dh = D // H
+    Q = attn.q(q)
+    Q = Q[:, m_index if Mq > 1 else torch.zeros_like(m_index), b_index]  # [Tq, N, D]
+    K, V = attn.k(kv), attn.v(kv)  # [Tk, N, D]
+    score = (Q * K).view(-1, K.shape[1], H, dh).sum(-1) * dh**-0.5  # [T', N, H]
+    Tp, N = score.shape[0], score.shape[1]
+    G = n_behaviours * B
+    idx = group[None, :, None].expand(Tp, N, H)
+    top = torch.full((Tp, G, H), -torch.inf, dtype=score.dtype, device=score.device)
+    top = top.scatter_reduce(1, idx, score.detach(), reduce="amax", include_self=True)
+    e = torch.exp(score - top[:, group])
+    denominator = torch.zeros(Tp, G, H, dtype=e.dtype, device=e.device).index_add(1, group, e)
+    w = e / denominator[:, group]
+    weighted = w[..., None] * V.view(-1, N, H, dh)  # [T', N, H, dh]
+    out = torch.zeros(Tp, G, H, dh, dtype=weighted.dtype, device=weighted.device)
+    out = out.index_add(1, group, weighted)
+    return attn.out(out.view(Tp, n_behaviours, B, D))
 
 
 class TaskInterestModule(nn.Module):
@@ -157,8 +180,12 @@ class TaskInterestModule(nn.Module):
     query), shared by every (task, behaviour) pair and conditioned by the hypernetwork.
 
     Call: (seq [M, B, L, D], valid [M, B, L] bool, target [B, D]) -> interests [T, M, B, D].
-    Padded positions are masked out of every attention; a sequence with no item gives a zero
-    interest.
+
+    The encoder's self-attention runs on the padded sequences (padding masked); everything
+    after it (the conditioned layer norms, the FFNs, the decoder's attention) runs on the N real
+    tokens only, packed: sequences are short on average (KuaiRand: about 11 real items per row
+    over the 5 behaviours, against 5 x 50 padded slots), and the T-fold conditioned tensors
+    would otherwise be mostly padding. A sequence with no item gives a zero interest.
     """
 
     def __init__(
@@ -188,39 +215,56 @@ class TaskInterestModule(nn.Module):
 
     def forward(self, seq: torch.Tensor, valid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         M, B, L, D = seq.shape
+        T, c = self.n_tasks, self.condition
         scale, shift = self.hyper()  # [sites, T, M, width]
-        # condition per site, broadcastable to [T, M, B, L, width]
-        sc, sh = scale[:, :, :, None, None, :], shift[:, :, :, None, None, :]
-        # a user without any item of a behaviour attends to one (zero) position, then the
-        # interest is zeroed: keeps softmax finite without letting padding reach real rows
         has_items = valid.any(-1)  # [M, B]
-        valid = valid.clone()
-        valid[..., 0] |= ~has_items
-        c = self.condition
+        m_index, b_index, l_index = valid.nonzero(as_tuple=True)  # the N real tokens
+        group = m_index * B + b_index
 
-        def ffn(layers: nn.ModuleList, x: torch.Tensor, site: int) -> torch.Tensor:
+        # the condition of each token ([T, N, W]) and of each (behaviour, row) group
+        # ([T, M, 1, W]), per site
+        def token(site: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return scale[site][:, m_index], shift[site][:, m_index]
+
+        def grouped(site: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return scale[site][:, :, None, :], shift[site][:, :, None, :]
+
+        def norm(i: int, x: torch.Tensor, cond: Any) -> torch.Tensor:
+            return self.norms[i](x, *cond(i)) if c == "ln" else self.norms[i](x)
+
+        def ffn(layers: nn.ModuleList, x: torch.Tensor, site: int, cond: Any) -> torch.Tensor:
             if c == "ffn1":
-                x = _film(x, sc[site], sh[site])
+                x = _film(x, *cond(site))
             h = torch.relu(layers[0](x))
             if c == "ffn2":
-                h = _film(h, sc[site], sh[site])
+                h = _film(h, *cond(site))
             return layers[1](h)
 
-        def norm(i: int, x: torch.Tensor) -> torch.Tensor:
-            return self.norms[i](x, sc[i], sh[i]) if c == "ln" else self.norms[i](x)
-
-        # encoder over x [C, M, B, L, D]; C = 1 until a condition makes it per task
-        x = seq.unsqueeze(0)
-        a_in = _film(x, sc[0], sh[0]) if c == "qkv" else x
-        x = norm(0, x + _attend(self.enc_attn, a_in, a_in, valid))
-        x = norm(1, x + ffn(self.enc_ffn, x, 0))
-        # decoder: the target item queries the encoded sequence
-        q = target[None, None, :, None, :]  # [1, 1, B, 1, D]
-        q_in = _film(q, sc[1], sh[1]) if c == "qkv" else q
-        kv_in = _film(x, sc[1], sh[1]) if c == "qkv" else x
-        y = norm(2, q + _attend(self.dec_attn, q_in, kv_in, valid))
-        y = norm(3, y + ffn(self.dec_ffn, y, 1))
-        y = y.squeeze(-2).expand(self.n_tasks, M, B, D)
+        # encoder self-attention, padded; a row without items attends to one (zero) position,
+        # which keeps the softmax finite and is never read
+        att_valid = valid.clone()
+        att_valid[..., 0] |= ~has_items
+        if c == "qkv":  # the condition enters the attention: per task
+            s0, h0 = scale[0][:, :, None, None, :], shift[0][:, :, None, None, :]
+            a_in = (seq.unsqueeze(0) * s0 + h0).reshape(T * M * B, L, D)
+            mask = att_valid.unsqueeze(0).expand(T, M, B, L).reshape(T * M * B, L)
+            a_tok = self.enc_attn(a_in, a_in, mask).view(T, M, B, L, D)[
+                :, m_index, b_index, l_index
+            ]
+        else:
+            flat = seq.reshape(M * B, L, D)
+            a_full = self.enc_attn(flat, flat, att_valid.reshape(M * B, L)).view(M, B, L, D)
+            a_tok = a_full[m_index, b_index, l_index][None]  # [1, N, D]
+        x = norm(0, seq[m_index, b_index, l_index][None] + a_tok, token)  # [T or 1, N, D]
+        x = norm(1, x + ffn(self.enc_ffn, x, 0, token), token)
+        # decoder: the target item queries its group's encoded tokens
+        q = target[None, None]  # [1, 1, B, D]
+        q_in = _film(q, *grouped(1)) if c == "qkv" else q
+        kv_in = _film(x, *token(1)) if c == "qkv" else x
+        attended = _cross_attention_packed(self.dec_attn, q_in, kv_in, group, m_index, b_index, M)
+        y = norm(2, q + attended, grouped)
+        y = norm(3, y + ffn(self.dec_ffn, y, 1, grouped), grouped)
+        y = y.expand(T, M, B, D)
         return y * has_items[None, :, :, None].to(y.dtype)
 
 

@@ -153,3 +153,68 @@ def test_dtrn_scores_ignore_other_rows_sequences() -> None:
     sa, sb = model.scores(a), model.scores(b)
     torch.testing.assert_close(sa[:7], sb[:7])
     assert not torch.allclose(sa[7], sb[7])
+
+
+def _padded_reference(tim: TaskInterestModule, seq, valid, target):
+    """TIM written the direct way: every (task, behaviour, row) on the padded [L] positions,
+    padding masked in every attention (the packed module must equal it)."""
+    c, T = tim.condition, tim.n_tasks
+    M, B, L, D = seq.shape
+    scale, shift = tim.hyper()
+    sc, sh = scale[:, :, :, None, None, :], shift[:, :, :, None, None, :]
+    has = valid.any(-1)
+    valid = valid.clone()
+    valid[..., 0] |= ~has
+
+    def attend(attn, q, kv):
+        lead = torch.broadcast_shapes(q.shape[:-2], kv.shape[:-2], valid.shape[:-1])
+        q, kv = q.expand(*lead, *q.shape[-2:]), kv.expand(*lead, *kv.shape[-2:])
+        v = valid.expand(*lead, L)
+        out = attn(q.reshape(-1, *q.shape[-2:]), kv.reshape(-1, L, D), v.reshape(-1, L))
+        return out.view(*lead, *out.shape[-2:])
+
+    def ffn(layers, x, site):
+        if c == "ffn1":
+            x = x * sc[site] + sh[site]
+        h = torch.relu(layers[0](x))
+        if c == "ffn2":
+            h = h * sc[site] + sh[site]
+        return layers[1](h)
+
+    def norm(i, x):
+        return tim.norms[i](x, sc[i], sh[i]) if c == "ln" else tim.norms[i](x)
+
+    x = seq.unsqueeze(0)
+    a_in = x * sc[0] + sh[0] if c == "qkv" else x
+    x = norm(0, x + attend(tim.enc_attn, a_in, a_in))
+    x = norm(1, x + ffn(tim.enc_ffn, x, 0))
+    q = target[None, None, :, None, :]
+    q_in = q * sc[1] + sh[1] if c == "qkv" else q
+    kv_in = x * sc[1] + sh[1] if c == "qkv" else x
+    y = norm(2, q + attend(tim.dec_attn, q_in, kv_in))
+    y = norm(3, y + ffn(tim.dec_ffn, y, 1))
+    return y.squeeze(-2).expand(T, M, B, D) * has[None, :, :, None]
+
+
+@pytest.mark.parametrize("condition", ["ln", "qkv", "ffn1", "ffn2"])
+def test_packed_tim_equals_the_padded_formulation(condition: str) -> None:
+    torch.manual_seed(1)
+    tim = TaskInterestModule(D, T, M, heads=2, ffn_hidden=16, condition=condition,
+                             hyper_emb_dim=4, hyper_hidden=16)  # fmt: skip
+    B, L = 7, 6
+    lengths = torch.randint(0, L + 1, (M, B))
+    lengths[0, 0] = 0
+    valid = torch.arange(L)[None, None, :] < lengths[..., None]
+    seq = torch.randn(M, B, L, D) * valid[..., None]
+    target = torch.randn(B, D, requires_grad=True)
+    out = tim(seq, valid, target)
+    ref = _padded_reference(tim, seq, valid, target)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # and the gradients agree
+    g1 = torch.autograd.grad(out.sum(), [target, *tim.parameters()], allow_unused=True)
+    g2 = torch.autograd.grad(ref.sum(), [target, *tim.parameters()], allow_unused=True)
+    for a, b in zip(g1, g2, strict=True):
+        if a is None or b is None:
+            assert a is None or float(a.abs().sum()) == 0
+            continue
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
