@@ -66,6 +66,17 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
 
 
+def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    """Bit-identical weights and identical loss history."""
+    a = torch.load(a_dir / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(b_dir / "model.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    ha = json.loads((a_dir / "metrics.json").read_text())["history"]
+    assert json.loads((b_dir / "metrics.json").read_text())["history"] == ha
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(kuairand_train_lake, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train") / "run"
@@ -126,14 +137,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(
     resumed = _torchrun(_args(kuairand_train_lake, out))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {out}/checkpoints/step_{2 * CKPT_EVERY}" in resumed.stderr
-    a = torch.load(uninterrupted / "model.pt", weights_only=False)["state_dict"]
-    b = torch.load(out / "model.pt", weights_only=False)["state_dict"]
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-    ha = json.loads((uninterrupted / "metrics.json").read_text())["history"]
-    hb = json.loads((out / "metrics.json").read_text())["history"]
-    assert ha == hb
+    _assert_same_run(uninterrupted, out)
 
 
 def test_rank_zero_logged_to_mlflow(uninterrupted: Path) -> None:
@@ -367,10 +371,4 @@ def test_two_simulated_nodes_train_like_one_node(
         assert code == 0, (tmp_path / f"node{node}.log").read_text()[-4000:]
     logs = "".join((tmp_path / f"node{n}.log").read_text() for n in range(2))
     assert "2 ranks" in logs
-    a = torch.load(uninterrupted / "model.pt", weights_only=False)["state_dict"]
-    b = torch.load(out / "model.pt", weights_only=False)["state_dict"]
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-    ha = json.loads((uninterrupted / "metrics.json").read_text())["history"]
-    assert json.loads((out / "metrics.json").read_text())["history"] == ha
+    _assert_same_run(uninterrupted, out)
