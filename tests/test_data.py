@@ -302,6 +302,7 @@ def test_batch_fields_shapes_and_dtypes(lake: Lake):
     b = next(iter(d))
     spec, B = lake.spec, 64
     F, T = len(spec.dense_features), len(spec.tasks)
+    T_d = sum(t.kind == TaskKind.DWELL for t in spec.tasks)  # continuous values after the T
     keys = [f.name for f in spec.categorical_features] + ["user_id", "item_id"]
     assert b.batch_size == B
     assert b.sparse_features.keys() == keys
@@ -314,7 +315,7 @@ def test_batch_fields_shapes_and_dtypes(lake: Lake):
     assert b.sequences.stride() == B and b.sequences.values().dtype == torch.int64
     expect = {
         "dense_features": ((B, F), torch.float32),
-        "labels": ((B, T), torch.float32),
+        "labels": ((B, T + T_d), torch.float32),
         "pseudo_labels": ((B, T), torch.float32),
         "n_prev": ((B,), torch.int64),
         "user_idx": ((B,), torch.int64),
@@ -351,6 +352,11 @@ def test_batches_equal_the_delta_table(lake: Lake):
             want = ref[f"label_{t.name}"].to_numpy()
         np.testing.assert_allclose(got["labels"][:, j], want, rtol=1e-6)
         np.testing.assert_allclose(got["pseudo_labels"][:, j], ref[f"pl_{t.name}"], rtol=1e-6)
+    # then each dwell task's continuous value (seconds), the regression target
+    dwell = [t.name for t in lake.spec.tasks if t.kind == TaskKind.DWELL]
+    T = len(lake.spec.tasks)
+    for j, name in enumerate(dwell):
+        np.testing.assert_allclose(got["labels"][:, T + j], ref[f"label_{name}"], rtol=1e-6)
     for j, f in enumerate(lake.spec.dense_features):
         np.testing.assert_allclose(got["dense_features"][:, j], ref[f.name], rtol=1e-6)
     # pooled ids and sequences, sample by sample
@@ -552,3 +558,20 @@ def test_loader_workers_keep_the_order_and_resume(fake_lake: Lake):
 def test_benchmark_loader_reports_samples_per_second(fake_lake: Lake):
     rate = benchmark_loader(fake_lake.path, fake_lake.spec, fake_lake.artifacts, 64, 0.2)
     assert rate > 0
+
+
+def test_negative_continuous_label_is_a_clear_error(fake_lake: Lake, tmp_path: Path):
+    """A dwell task's value (HTLNet's regression target) must not be negative."""
+    table = _fake_examples()
+    i = 11
+    values = table["label_dwell"].to_pylist()
+    values[i] = -3.0
+    table = table.set_column(
+        table.schema.get_field_index("label_dwell"),
+        "label_dwell",
+        pa.array(values, table.schema.field("label_dwell").type),
+    )
+    eid = table["example_id"][i].as_py()
+    lk = Lake(_write(tmp_path / "examples", table), fake_lake.spec, fake_lake.artifacts)
+    with pytest.raises(ExamplesTableError, match=rf"negative for example_id {eid}"):
+        list(lk.dataset())
