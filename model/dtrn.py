@@ -160,8 +160,8 @@ def _cross_attention_packed(
     Q = attn.q(q)
     Q = Q[:, m_index if Mq > 1 else torch.zeros_like(m_index), b_index]  # [Tq, N, D]
     K, V = attn.k(kv), attn.v(kv)  # [Tk, N, D]
-    score = (Q * K).view(-1, K.shape[1], H, dh).sum(-1) * dh**-0.5  # [T', N, H]
-    Tp, N = score.shape[0], score.shape[1]
+    Tp, N = max(Q.shape[0], K.shape[0]), K.shape[1]  # N may be 0 (a batch of padding rows)
+    score = (Q * K).view(Tp, N, H, dh).sum(-1) * dh**-0.5  # [T', N, H]
     G = n_behaviours * B
     idx = group[None, :, None].expand(Tp, N, H)
     top = torch.full((Tp, G, H), -torch.inf, dtype=score.dtype, device=score.device)
@@ -169,7 +169,7 @@ def _cross_attention_packed(
     e = torch.exp(score - top[:, group])
     denominator = torch.zeros(Tp, G, H, dtype=e.dtype, device=e.device).index_add(1, group, e)
     w = e / denominator[:, group]
-    weighted = w[..., None] * V.view(-1, N, H, dh)  # [T', N, H, dh]
+    weighted = w[..., None] * V.view(V.shape[0], N, H, dh)  # [T', N, H, dh]
     out = torch.zeros(Tp, G, H, dh, dtype=weighted.dtype, device=weighted.device)
     out = out.index_add(1, group, weighted)
     return attn.out(out.view(Tp, n_behaviours, B, D))

@@ -218,3 +218,16 @@ def test_packed_tim_equals_the_padded_formulation(condition: str) -> None:
             assert a is None or float(a.abs().sum()) == 0
             continue
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("condition", ["ln", "qkv"])
+def test_a_batch_without_any_item_gives_zero_interests_and_gradients(condition: str) -> None:
+    """The last batch of a rank can be all padding rows: no token at all."""
+    tim = TaskInterestModule(D, T, M, heads=2, ffn_hidden=16, condition=condition,
+                             hyper_emb_dim=4, hyper_hidden=16)  # fmt: skip
+    valid = torch.zeros(M, 4, 1, dtype=torch.bool)
+    target = torch.randn(4, D, requires_grad=True)
+    out = tim(torch.zeros(M, 4, 1, D), valid, target)
+    assert out.shape == (T, M, 4, D) and not out.any()
+    out.sum().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in tim.parameters())
