@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODEL",
         help="also train MODEL on each rule-based stage's rows alone (STAN's Stage_single)",
     )
+    p.add_argument(
+        "--no-stage-single", action="store_true", help="--ablations without Stage_single"
+    )
     p.add_argument("--no-stage-analysis", action="store_true")
     p.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun)")
     p.add_argument("--out", default="out/experiment")
@@ -98,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             nproc=args.nproc,
             variants=variants,
             stage_analysis=not args.no_stage_analysis,
-            stage_single=args.stage_single or ("stan" if args.ablations else None),
+            stage_single=None
+            if args.no_stage_single
+            else args.stage_single or ("stan" if args.ablations else None),
         )
     except (SpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
