@@ -21,6 +21,17 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def job_parser(module: str, doc: str | None, default_conf: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m jobs.<module>``: its docstring as help, --conf / --set / -v."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m jobs.{module}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p, default_conf)
+    return p
+
+
 def add_config_args(p: argparse.ArgumentParser, default_conf: str) -> None:
     p.add_argument("--conf", default=default_conf, help=f"YAML config (default {default_conf})")
     p.add_argument(

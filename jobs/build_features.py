@@ -7,21 +7,15 @@ python -m jobs.build_features --full --spec feature_specs/synthetic.yaml --set l
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import sys
 
-from jobs._cli import add_config_args, setup_logging
+from jobs._cli import job_parser, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.build_features",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_args(p, "conf/pipeline.yaml")
+    p = job_parser("build_features", __doc__, "conf/pipeline.yaml")
     p.add_argument("--spec", help="feature spec YAML (default: the config's spec)")
     p.add_argument("--lake", help="output root (default: the config's lake)")
     p.add_argument(

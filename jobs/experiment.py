@@ -13,20 +13,14 @@ Every model gets the same budget: the config's embedding dim, hidden units, batc
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from jobs._cli import add_config_args, setup_logging
+from jobs._cli import job_parser, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.experiment",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_args(p, "conf/train.yaml")
+    p = job_parser("experiment", __doc__, "conf/train.yaml")
     p.add_argument("--spec", help="feature spec YAML (default: the config's)")
     p.add_argument("--spec-set", dest="spec_overrides", action="append", default=[])
     p.add_argument("--models", default="all", help="comma list, or all")

@@ -10,21 +10,15 @@ conf/train.yaml (registry.*, mlflow.*), each overridable with --set. Prints the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from jobs._cli import add_config_args, setup_logging
+from jobs._cli import job_parser, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.register",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_args(p, "conf/train.yaml")
+    p = job_parser("register", __doc__, "conf/train.yaml")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-dir", help="a training output_dir (its metrics.json names the run)")
     which.add_argument("--run-id", help="an MLflow run id")

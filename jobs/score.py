@@ -11,21 +11,15 @@ conf/train.yaml).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import sys
 
-from jobs._cli import add_config_args, setup_logging
+from jobs._cli import job_parser, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.score",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_args(p, "conf/pipeline.yaml")
+    p = job_parser("score", __doc__, "conf/pipeline.yaml")
     p.add_argument(
         "--model", required=True, help="models:/<name>@<alias>, models:/<name>/<v>, runs:/..."
     )

@@ -11,20 +11,14 @@ Re-running with the same output_dir resumes from its latest checkpoint (train.re
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from jobs._cli import add_config_args, setup_logging
+from jobs._cli import job_parser, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_args(p, "conf/train.yaml")
+    p = job_parser("train", __doc__, "conf/train.yaml")
     p.add_argument(
         "--spec-set",
         dest="spec_overrides",

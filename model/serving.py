@@ -129,22 +129,32 @@ class RawFeatureTransform:
         rows = int(self.artifacts.vocab_sizes["item_id"])
         values, lengths = [], []
         for col in self.sequence_columns:
-            cells = df[col].tolist() if col in df.columns else [None] * len(df)
-            for i, cell in enumerate(cells):
-                items = np.zeros(0, np.int64) if cell is None else np.asarray(cell)
-                if items.size and (
-                    items.dtype.kind not in "iu" or items.min() < 0 or items.max() >= rows
-                ):
-                    raise ScoringInputError(
-                        f"input column {col!r}, row {i}: expected a list of item indices in "
-                        f"[0, {rows}), got {cell!r:.80}"
-                    )
-                values.append(items.astype(np.int64, copy=False))
-                lengths.append(items.size)
+            if col not in df.columns:
+                lengths.append(np.zeros(len(df), np.int64))
+                continue
+            empty = np.zeros(0, np.int64)
+            cells = [empty if c is None or len(c) == 0 else np.asarray(c) for c in df[col]]
+            length = np.fromiter((c.size for c in cells), np.int64, len(cells))
+            not_int = [i for i, c in enumerate(cells) if c.dtype.kind not in "iu"]
+            flat = np.concatenate(cells) if cells and not not_int else empty
+            # range checked once per column; the first bad item names its row
+            out_of_range = np.flatnonzero((flat < 0) | (flat >= rows))
+            if not_int or len(out_of_range):
+                i = (
+                    not_int[0]
+                    if not_int
+                    else int(np.searchsorted(np.cumsum(length), out_of_range[0], side="right"))
+                )
+                raise ScoringInputError(
+                    f"input column {col!r}, row {i}: expected a list of item indices in "
+                    f"[0, {rows}), got {df[col].iloc[i]!r:.80}"
+                )
+            values.append(flat.astype(np.int64, copy=False))
+            lengths.append(length)
         return KeyedJaggedTensor(
             keys=list(self.sequence_columns),
             values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-            lengths=torch.tensor(lengths, dtype=torch.int32),
+            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
         )
 
     # ------------------------------------------------------------------ columns

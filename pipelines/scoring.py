@@ -95,7 +95,7 @@ def score_date(
         validated, _ = read_validated(spark, spec, cfg, date, now_ms)
         rows = wide_rows(spark, spec, validated.accepted).where(F.col("date") == date)
         raw = _raw_columns(spec, rows)
-        raw = _with_pseudo_labels(spark, spec, cfg, raw, date)
+        raw = _with_pseudo_labels(spark, spec, cfg, raw, date, scorer.uses_sequences)
         id_types = {f.name: f.dataType.simpleString() for f in raw.schema.fields}
         schema = (
             f"example_id long, user_id {id_types['_user_id']}, item_id {id_types['_item_id']}, "
@@ -165,7 +165,12 @@ def _raw_columns(spec: FeatureSpec, rows: DataFrame) -> DataFrame:
 
 
 def _with_pseudo_labels(
-    spark: SparkSession, spec: FeatureSpec, cfg: PipelineConfig, raw: DataFrame, date: str
+    spark: SparkSession,
+    spec: FeatureSpec,
+    cfg: PipelineConfig,
+    raw: DataFrame,
+    date: str,
+    sequences: bool,
 ) -> DataFrame:
     examples = Tables.for_spec(cfg.lake, spec).examples
     if not delta_io.table_exists(examples) or date not in delta_io.partition_values(
@@ -174,6 +179,7 @@ def _with_pseudo_labels(
         log.warning("no examples for %s: PLE_stage-like models score without history", date)
         return raw
     pl = [f"pl_{t.name}" for t in spec.tasks] + ["n_prev"]
-    pl += [f"seq_{s.name}" for s in spec.sequences]  # DTRN's inputs, strictly earlier events
+    if sequences:  # DTRN's inputs (strictly earlier events); other models never read them
+        pl += [f"seq_{s.name}" for s in spec.sequences]
     ex = delta_io.read_delta(spark, examples).where(F.col("date") == date)
     return raw.join(ex.select("example_id", *pl), "example_id", "left")
