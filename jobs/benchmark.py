@@ -1,6 +1,6 @@
 """Benchmarks that print figures (never asserted in tests).
 
-    python -m jobs.benchmark pipeline --events 1e6,1e7          # full build on generated logs
+    python -m jobs.benchmark pipeline --events 1e6,1e7          # full build + DuckDB beside it
     python -m jobs.benchmark pipeline --incremental 2,10,30     # nightly cost vs history length
     python -m jobs.benchmark pipeline --kuairand                # the real data, full + one night
     python -m jobs.benchmark train --models stan,ple --batch-sizes 512,2048   # loader + trainer
@@ -151,7 +151,16 @@ def build_cmd(lake: Path, extra: list[str], partitions: int) -> list[str]:
     ]
 
 
-def bench_full(work: Path, events_list: list[float], days: int) -> list[dict]:
+def duckdb_cmd(out: Path, extra: list[str], threads: int) -> list[str]:
+    return [_py(), "-m", "jobs.benchmark", "duckdb-build", "--out", str(out),
+            "--threads", str(threads), *extra]  # fmt: skip
+
+
+def bench_full(work: Path, events_list: list[float], days: int, duckdb: bool = True) -> list[dict]:
+    """Full builds on generated logs; beside each, the same features built by DuckDB in a fresh
+    process on the same cores, and both outputs compared row by row."""
+    from pipelines.duckdb_build import compare_examples, compare_rejected
+
     rows = []
     cores = os.cpu_count() or 1
     for events in events_list:
@@ -176,10 +185,55 @@ def bench_full(work: Path, events_list: list[float], days: int) -> list[dict]:
                 **res,
                 "events_per_s": round(n / res["seconds"]),
                 "events_per_s_per_core": round(n / res["seconds"] / cores),
+                "build_seconds": summary["seconds"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        if not duckdb:
+            continue
+        duck = work / f"duckdb_{events:g}"
+        shutil.rmtree(duck, ignore_errors=True)
+        dres = timed(
+            duckdb_cmd(duck, spec_args(data, start, days), cores), work / f"duckdb_{events:g}.log"
+        )
+        same = compare_examples(lake / "synthetic" / "examples", duck / "examples")
+        same_rej = compare_rejected(lake / "synthetic" / "rejected", duck / "rejected.parquet")
+        dsum = json.loads((duck / "summary.json").read_text())
+        rows.append(
+            {
+                "bench": f"same features in {dsum['engine']}",
+                "events": n,
+                "sessions": dsum["sessions"],
+                "days": days,
+                **dres,
+                "events_per_s": round(n / dres["seconds"]),
+                "events_per_s_per_core": round(n / dres["seconds"] / cores),
+                "build_seconds": dsum["seconds"],
+                "spark_over_duckdb": round(res["seconds"] / dres["seconds"], 2),
+                "outputs_equal": same["equal"] and same_rej["equal"],
+                "examples_compared": same["rows_compared"],
+                "mismatches": {**same["mismatches"], **same_rej["differences"]},
             }
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def duckdb_build_main(args: argparse.Namespace) -> int:
+    """The DuckDB build as its own process (timed by bench_full like the Spark job)."""
+    from pipelines.duckdb_build import build_duckdb
+    from pipelines.spec import load_spec
+
+    spec = load_spec(args.spec, overrides=args.spec_overrides)
+    summary = build_duckdb(
+        spec,
+        args.out,
+        now_ms=args.now_ms or int(time.time() * 1000),
+        threads=args.threads,
+        memory_limit=args.memory_limit,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def bench_incremental(work: Path, at_days: list[int], events_per_day: float) -> list[dict]:
@@ -375,7 +429,8 @@ def train_markdown(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["bench", "events", "seconds", "events_per_s_per_core", "peak_rss_mb", "build_seconds"]
+    cols = ["bench", "events", "seconds", "events_per_s_per_core", "peak_rss_mb", "build_seconds",
+            "spark_over_duckdb", "outputs_equal"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
@@ -397,7 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--incremental", default="", help="comma list of days k: nightly cost of day k")
     pp.add_argument("--events-per-day", type=float, default=2e5)
     pp.add_argument("--kuairand", action="store_true")
+    pp.add_argument(
+        "--no-duckdb", action="store_true", help="skip the DuckDB build beside the full builds"
+    )
     pp.add_argument("--work", default="/tmp/lifecycle-bench")
+    dp = sub.add_parser("duckdb-build", help="the full build in DuckDB (run by `pipeline`)")
+    dp.add_argument("--spec", required=True)
+    dp.add_argument("--spec-set", dest="spec_overrides", action="append", default=[])
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--threads", type=int, default=None)
+    dp.add_argument("--memory-limit", default=None, help="DuckDB memory_limit, e.g. 16GB")
+    dp.add_argument("--now-ms", type=int, default=None)
     tp = sub.add_parser("train", help="loader and trainer samples/s")
     tp.add_argument("--lake", default="lake", help="a lake with the KuaiRand examples built")
     tp.add_argument("--models", default="stan", help="comma list of model names")
@@ -410,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--loader-seconds", type=float, default=15.0, help="0: skip the loader")
     tp.add_argument("--work", default="/tmp/lifecycle-bench")
     args = p.parse_args(argv)
+    if args.what == "duckdb-build":
+        return duckdb_build_main(args)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -444,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kuairand:
         rows += bench_kuairand(work)
     if args.events:
-        rows += bench_full(work, [float(x) for x in args.events.split(",")], args.days)
+        rows += bench_full(
+            work, [float(x) for x in args.events.split(",")], args.days, not args.no_duckdb
+        )
     if args.incremental:
         rows += bench_incremental(
             work, [int(x) for x in args.incremental.split(",")], args.events_per_day

@@ -237,3 +237,73 @@ def test_nightly_rejects_like_full_build(spark, synth, tmp_path):
 
 def _days(time_ms: pd.Series) -> pd.Series:
     return pd.to_datetime(time_ms, unit="ms").dt.strftime("%Y-%m-%d")
+
+
+@pytest.mark.slow
+def test_duckdb_build_writes_the_same_examples(synth, tmp_path):
+    """The single-machine comparison of `jobs.benchmark pipeline` (DuckDB SQL) writes the Spark
+    build's examples row for row and rejects the same events for the same reasons; a change of
+    one value in its output is caught (the benchmark's equality check can fail)."""
+    from pipelines import artifacts as arts
+    from pipelines.duckdb_build import build_duckdb, compare_examples, compare_rejected
+
+    events, spec, cfg, summary = synth
+    tables = Tables.for_spec(cfg.lake, spec)
+    duck = tmp_path / "duck"
+    s = build_duckdb(spec, duck, now_ms=NOW_MS, threads=2, progress=False)
+    assert (s["rows_in"], s["sessions"], s["rows_rejected"]) == (
+        summary["rows_in"],
+        summary["sessions"],
+        summary["rows_rejected"],
+    )
+    art = arts.load(tables.artifacts, spec)
+    assert s["bin_boundaries"] == art.bins and s["vocab_sizes"] == art.vocab_sizes
+    for t, m in art.global_means.items():
+        assert s["global_means"][t] == pytest.approx(m, rel=1e-12)
+
+    same = compare_examples(tables.examples, duck / "examples")
+    assert same["equal"], same["mismatches"]
+    assert same["rows_compared"] == len(expected(events)[0])
+    ex = DeltaTable(tables.examples).to_pandas()
+    # the features compared are not trivial: histories, windows and sequences are filled
+    assert (ex["n_prev"] > 0).mean() > 0.5 and (ex["seq_clicked"].map(len) > 0).mean() > 0.3
+    assert compare_rejected(tables.rejected, duck / "rejected.parquet")["equal"]
+    duck_rej = pd.read_parquet(duck / "rejected.parquet").set_index("event_id")["reason"]
+    pd.testing.assert_series_equal(
+        duck_rej.sort_index(), _rejected(tables.rejected)["reason"], check_dtype=False
+    )
+
+    # one pseudo-label and one sequence item changed in a copy of the DuckDB output
+    bad = tmp_path / "bad"
+    shutil.copytree(duck / "examples", bad)
+    f = sorted(bad.glob("date=*/*.parquet"))[-1]
+    t = pq.read_table(f)
+    pl = t["pl_click"].to_numpy().copy()
+    pl[0] += 1e-6
+    seqs = t["seq_clicked"].to_pylist()
+    i = next(k for k, q in enumerate(seqs) if q)
+    seqs[i] = [seqs[i][0] + 1, *seqs[i][1:]]
+    t = t.set_column(t.schema.get_field_index("pl_click"), "pl_click", pa.array(pl))
+    t = t.set_column(
+        t.schema.get_field_index("seq_clicked"),
+        "seq_clicked",
+        pa.array(seqs, t.schema.field("seq_clicked").type),
+    )
+    pq.write_table(t, f)
+    res = compare_examples(tables.examples, bad)
+    assert not res["equal"]
+    assert res["mismatches"]["pl_click"]["rows"] == 1
+    assert res["mismatches"]["seq_clicked"]["rows"] == 1
+    assert set(res["mismatches"]) == {"pl_click", "seq_clicked"}
+
+
+def test_spark_xxhash64_of_longs(spark):
+    """The DuckDB build names its examples with Spark's hash of the impression id."""
+    from pyspark.sql import functions as F
+
+    from pipelines.duckdb_build import spark_xxhash64_long
+
+    values = [0, 1, -1, 2**63 - 1, -(2**63), 123_456_789_012_345, 9_000_000]
+    df = spark.createDataFrame([(v,) for v in values], "v long")
+    want = [r["h"] for r in df.select(F.xxhash64("v").alias("h")).collect()]
+    assert spark_xxhash64_long(np.array(values, dtype=np.int64)).tolist() == want
