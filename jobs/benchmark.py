@@ -151,6 +151,19 @@ def build_cmd(lake: Path, extra: list[str], partitions: int) -> list[str]:
     ]
 
 
+def _build_row(bench: str, n: int, days: int, res: dict, summary: dict, cores: int) -> dict:
+    return {
+        "bench": bench,
+        "events": n,
+        "sessions": summary["sessions"],
+        "days": days,
+        **res,
+        "events_per_s": round(n / res["seconds"]),
+        "events_per_s_per_core": round(n / res["seconds"] / cores),
+        "build_seconds": summary["seconds"],
+    }
+
+
 def duckdb_cmd(out: Path, extra: list[str], threads: int) -> list[str]:
     return [_py(), "-m", "jobs.benchmark", "duckdb-build", "--out", str(out),
             "--threads", str(threads), *extra]  # fmt: skip
@@ -176,18 +189,7 @@ def bench_full(work: Path, events_list: list[float], days: int, duckdb: bool = T
             work / f"full_{events:g}.log",
         )
         summary = json.loads((lake / "synthetic" / "summaries" / "full.json").read_text())
-        rows.append(
-            {
-                "bench": "full build (synthetic events)",
-                "events": n,
-                "sessions": summary["sessions"],
-                "days": days,
-                **res,
-                "events_per_s": round(n / res["seconds"]),
-                "events_per_s_per_core": round(n / res["seconds"] / cores),
-                "build_seconds": summary["seconds"],
-            }
-        )
+        rows.append(_build_row("full build (synthetic events)", n, days, res, summary, cores))
         print(json.dumps(rows[-1]), flush=True)
         if not duckdb:
             continue
@@ -201,14 +203,7 @@ def bench_full(work: Path, events_list: list[float], days: int, duckdb: bool = T
         dsum = json.loads((duck / "summary.json").read_text())
         rows.append(
             {
-                "bench": f"same features in {dsum['engine']}",
-                "events": n,
-                "sessions": dsum["sessions"],
-                "days": days,
-                **dres,
-                "events_per_s": round(n / dres["seconds"]),
-                "events_per_s_per_core": round(n / dres["seconds"] / cores),
-                "build_seconds": dsum["seconds"],
+                **_build_row(f"same features in {dsum['engine']}", n, days, dres, dsum, cores),
                 "spark_over_duckdb": round(res["seconds"] / dres["seconds"], 2),
                 "outputs_equal": same["equal"] and same_rej["equal"],
                 "examples_compared": same["rows_compared"],
