@@ -17,7 +17,7 @@ that both write the same examples (`compare_examples`). It follows the Spark bui
     D - W + 1); sequences slice the user's time-ordered list of matching items.
 
 What it does not do: write Delta, keep user state, or run nightly. It writes Parquet
-(``examples/date=*/``, ``rejected/``) and ``artifacts.json``. Scope: ``shape: events`` sources in
+(``examples/date=*/``, ``rejected.parquet``) and ``summary.json`` (with the fitted values). Scope: ``shape: events`` sources in
 Parquet with a per-date path, time zone UTC, no ``date_column``; anything else is refused.
 """
 
@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipelines.artifacts import Artifacts, _vocab_limits, vocab_tables
+from pipelines.build import example_columns, kernel_plan
 from pipelines.source import MIN_VALID_TIME_MS, file_date_regex
 from pipelines.spec import DenseTransform, FeatureSpec, SourceFormat, TaskKind
 
@@ -318,8 +320,6 @@ def build_duckdb(
     if sp.train_start:
         in_train += f" AND date >= {_lit(sp.train_start.isoformat())}"
     t_fit = time.time()
-    from pipelines.artifacts import _vocab_limits, vocab_tables
-
     vocab_sizes: dict[str, int] = {}
     targets: dict[str, str] = {}  # example column -> vocabulary table name
     for table, cols in vocab_tables(spec).items():
@@ -339,9 +339,6 @@ def build_duckdb(
         )
         for c in cols:
             targets[c] = table
-    n_train = con.execute(f"SELECT count(*) FROM wide WHERE {in_train}").fetchone()[0]
-    if n_train == 0:
-        raise ValueError("the training window holds no accepted rows: check split dates and source")
 
     def dense_pre(f) -> str:
         x = f"coalesce(CAST({_q(f.name)} AS DOUBLE), {float(f.fill)!r})"
@@ -349,31 +346,37 @@ def build_duckdb(
             x = f"ln(1 + greatest({x}, 0.0))"
         return x
 
+    # Row count, dense statistics, binary means and dwell minima in one scan (as Spark's fit).
+    aggs = ["count(*)"]
+    for f in spec.dense_features:
+        aggs += [f"avg({dense_pre(f)})", f"stddev_pop({dense_pre(f)})"]
+    for t in spec.tasks:
+        label = _q(f"label_{t.name}")
+        aggs.append(
+            f"avg(CAST({label} AS DOUBLE))" if t.kind == TaskKind.BINARY else f"min({label})"
+        )
+    stats = list(con.execute(f"SELECT {', '.join(aggs)} FROM wide WHERE {in_train}").fetchone())
+    n_train = stats.pop(0)
+    if n_train == 0:
+        raise ValueError("the training window holds no accepted rows: check split dates and source")
     dense: dict[str, tuple[float, float]] = {}
     for f in spec.dense_features:
-        m, s = con.execute(
-            f"SELECT avg({dense_pre(f)}), stddev_pop({dense_pre(f)}) FROM wide WHERE {in_train}"
-        ).fetchone()
-        s = float(s or 0.0)
+        m, s = stats.pop(0), float(stats.pop(0) or 0.0)
         dense[f.name] = (float(m or 0.0), s if s > 1e-12 else 1.0)
     bins: dict[str, list[float]] = {}
     means: dict[str, float] = {}
     for t in spec.tasks:
         label = _q(f"label_{t.name}")
         if t.kind == TaskKind.BINARY:
-            means[t.name] = float(
-                con.execute(
-                    f"SELECT avg(CAST({label} AS DOUBLE)) FROM wide WHERE {in_train}"
-                ).fetchone()[0]
-            )
+            means[t.name] = float(stats.pop(0))
             continue
+        vmin = stats.pop(0)
         assert t.n_bins is not None
         ranks = [max(1, math.ceil(i / t.n_bins * n_train)) for i in range(1, t.n_bins)]
         rows = con.execute(
             f"""SELECT v FROM (SELECT {label} AS v, row_number() OVER (ORDER BY {label}) AS r
                 FROM wide WHERE {in_train}) WHERE r IN ({", ".join(map(str, ranks))}) ORDER BY r"""
         ).fetchall()
-        vmin = con.execute(f"SELECT min({label}) FROM wide WHERE {in_train}").fetchone()[0]
         bins[t.name] = sorted({float(r[0]) for r in rows if r[0] > vmin})
         if not bins[t.name]:
             raise ValueError(f"tasks.{t.name}: the training window's values are constant; no bins")
@@ -383,9 +386,15 @@ def build_duckdb(
                 f"FROM wide WHERE {in_train}"
             ).fetchone()[0]
         )
-    fit_s = time.time() - t_fit
     if progress:
-        print(f"duckdb: fit in {fit_s:.1f}s", flush=True)
+        print(f"duckdb: fit in {time.time() - t_fit:.1f}s", flush=True)
+    plan = kernel_plan(
+        spec,
+        Artifacts(
+            spec_name=spec.name, spec_hash="", train_dates=[], train_rows=n_train,
+            vocab_sizes=vocab_sizes, dense={}, bins=bins, global_means=means,
+        ),
+    )  # fmt: skip
 
     # --- transform: indices, dense, bins, task values
     feats = ["w.user_id", "w.item_id", "w.event_time_ms", "w.date", "w.example_id"]
@@ -418,7 +427,6 @@ def build_duckdb(
     )
 
     # --- running features
-    divisors = {t.name: (len(bins[t.name]) if t.name in bins else 1) for t in spec.tasks}
     w_days = spec.pseudo_labels.window_days
     part = "PARTITION BY user_id ORDER BY event_time_ms"
     frames = {"all": f"({part} RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)"}
@@ -452,10 +460,9 @@ def build_duckdb(
         )
 
     def mean(key: str, t: str) -> str:
-        fb = repr(float(means[t]))
         return (
             f"CASE WHEN _n_{key} > 0 THEN CAST(_s_{key}_{t} AS DOUBLE) / "
-            f"CAST(_n_{key} * {divisors[t]} AS DOUBLE) ELSE {fb} END"
+            f"CAST(_n_{key} * {plan.divisors[t]} AS DOUBLE) ELSE {plan.fallback[t]!r} END"
         )
 
     split = (
@@ -466,16 +473,6 @@ def build_duckdb(
         split = (
             f"CASE WHEN date < {_lit(sp.train_start.isoformat())} THEN 'history' ELSE {split} END"
         )
-    from pipelines.artifacts import Artifacts
-    from pipelines.build import example_columns, kernel_plan
-
-    plan = kernel_plan(
-        spec,
-        Artifacts(
-            spec_name=spec.name, spec_hash="", train_dates=[], train_rows=n_train,
-            vocab_sizes=vocab_sizes, dense={}, bins=bins, global_means=means,
-        ),
-    )  # fmt: skip
     exprs: dict[str, str] = {"split": f"{split} AS split"}
     main = "win" if w_days is not None else "all"
     exprs["n_prev"] = f"_n_{main} AS n_prev"
@@ -571,7 +568,7 @@ def compare_examples(spark_examples: str | Path, duckdb_examples: str | Path) ->
     import pyarrow.dataset as ds
     from deltalake import DeltaTable
 
-    left = DeltaTable(str(spark_examples)).to_pyarrow_table()
+    left = DeltaTable(str(spark_examples)).to_pyarrow_dataset().to_table()
     right = ds.dataset(str(duckdb_examples), format="parquet", partitioning="hive").to_table()
     right = right.set_column(
         right.schema.get_field_index("date"), "date", right["date"].cast(pa.string())
@@ -640,7 +637,7 @@ def compare_rejected(spark_rejected: str | Path, duckdb_rejected: str | Path) ->
     import pyarrow.parquet as pq
     from deltalake import DeltaTable
 
-    lt = DeltaTable(str(spark_rejected)).to_pyarrow_table(columns=["date", "reason"])
+    lt = DeltaTable(str(spark_rejected)).to_pyarrow_dataset().to_table(columns=["date", "reason"])
     rt = pq.read_table(str(duckdb_rejected), columns=["date", "reason"])
     lc = Counter(zip(lt["date"].to_pylist(), lt["reason"].to_pylist(), strict=True))
     rc = Counter(zip(rt["date"].to_pylist(), rt["reason"].to_pylist(), strict=True))
