@@ -23,39 +23,9 @@ from pipelines.spec import DenseTransform, FeatureSpec, TaskKind
 
 OOV = 0
 PERCENTILE_ACCURACY = 1_000_000  # exact below 1M distinct ranks, bounded memory above
-# Vocabularies up to this size travel with the tasks and are applied in one vectorised Arrow
-# pass (no join, no shuffle); larger ones are joined.
-IN_TASK_VOCAB_MAX = 200_000
-
-
-def _index_in_task(df: DataFrame, vocabs: dict[str, list[str]]) -> DataFrame:
-    """Replace each string column in ``vocabs`` by its 1-based index in that list (0 = OOV)."""
-    from pyspark.sql import types as T
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    out_schema = T.StructType(
-        [
-            T.StructField(f.name, T.LongType(), False) if f.name in vocabs else f
-            for f in df.schema.fields
-        ]
-    )
-    arrow_schema = to_arrow_schema(out_schema)
-
-    def index(batches):
-        import pyarrow.compute as pc
-
-        sets = {c: pa.array(v, pa.string()) for c, v in vocabs.items()}
-        for batch in batches:
-            arrays = []
-            for name in batch.schema.names:
-                col = batch.column(name)
-                if name in sets:
-                    pos = pc.index_in(col, value_set=sets[name])
-                    col = pc.fill_null(pc.add(pos.cast(pa.int64()), 1), 0)
-                arrays.append(col)
-            yield pa.RecordBatch.from_arrays(arrays, schema=arrow_schema)
-
-    return df.mapInArrow(index, out_schema)
+# Vocabularies up to this size are broadcast to the join (a hash lookup in the JVM per row);
+# larger ones are joined by a shuffle.
+BROADCAST_VOCAB_MAX = 1_000_000
 
 
 @dataclass
@@ -151,15 +121,16 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
     """Fit on rows of the training window (joined with side tables, labels in source units).
 
     ``train_rows`` must already be restricted to the training window; the caller decides it.
+    It is scanned four times: the caller should pass a filter of a persisted frame.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_dir = out_dir / "vocab"
     vocab_dir.mkdir(exist_ok=True)
-    train_rows = train_rows.cache()
-    n_rows = train_rows.count()
+    head = train_rows.agg(F.count(F.lit(1)).alias("n"), F.collect_set("date").alias("d")).first()
+    n_rows = int(head["n"])
     if n_rows == 0:
         raise ValueError("the training window holds no accepted rows: check split dates and source")
-    dates = sorted(r["date"] for r in train_rows.select("date").distinct().collect())
+    dates = sorted(head["d"])
 
     # All vocabularies in one scan: (table, value) pairs exploded, counted per table.
     pairs = F.explode(
@@ -243,7 +214,6 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
         brow = train_rows.agg(*bin_aggs).first()
         means.update({t.name: float(brow[t.name]) for t in dwell})
     means = {t.name: means[t.name] for t in spec.tasks}
-    train_rows.unpersist()
 
     art = Artifacts(
         spec_name=spec.name,
@@ -284,27 +254,19 @@ def apply(spec: FeatureSpec, rows: DataFrame, art: Artifacts) -> DataFrame:
     """Map categoricals to indices (OOV = 0), transform dense features, bin dwell labels."""
     spark = rows.sparkSession
     out = rows
-    small: dict[str, list[str]] = {}  # target column -> vocabulary values in index order
     for table, cols in vocab_tables(spec).items():
         for c in cols:
             target = {"user_id": "user_idx", "item_id": "item_idx"}.get(c, c)
-            if art.vocab_sizes[table] <= IN_TASK_VOCAB_MAX and table in art.vocabs:
-                values = [v for v, _ in sorted(art.vocabs[table].items(), key=lambda kv: kv[1])]
-                small[target] = values
-                if target != c:
-                    out = out.withColumn(target, F.col(c))
-                out = out.withColumn(target, F.col(target).cast("string"))
-                continue
             vocab_df = spark.read.parquet(str(Path(art.vocab_dir) / f"{table}.parquet")).select(
                 F.col("value").alias("_v"), F.col("idx").alias("_idx")
             )
+            if art.vocab_sizes[table] <= BROADCAST_VOCAB_MAX:
+                vocab_df = F.broadcast(vocab_df)
             out = (
                 out.join(vocab_df, F.col(c).cast("string") == F.col("_v"), "left")
                 .withColumn(target, F.coalesce(F.col("_idx"), F.lit(OOV)).cast("long"))
                 .drop("_v", "_idx")
             )
-    if small:
-        out = _index_in_task(out, small)
     for f in spec.dense_features:
         x = _dense_pre(F.col(f.name), f.transform, f.fill)
         if f.transform in (DenseTransform.STANDARDIZE, DenseTransform.LOG1P_STANDARDIZE):

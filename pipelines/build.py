@@ -52,7 +52,7 @@ from pipelines.source import (
     validate,
     value_column,
 )
-from pipelines.spec import EXAMPLE_ID_COLUMNS, FeatureSpec, TaskKind
+from pipelines.spec import EXAMPLE_ID_COLUMNS, FeatureSpec, SourceFormat, TaskKind
 
 log = logging.getLogger("build_features")
 
@@ -160,10 +160,12 @@ def read_validated(
         raw = raw.withColumn(FILE_DATE, F.when(F.col(FILE_DATE) != "", F.col(FILE_DATE)))
     else:
         raw = read_raw(spark, src)
-    # Persisted: validation, the row accounting and the rejected table all read it.
-    raw = raw.persist(StorageLevel.MEMORY_AND_DISK)
+    if src.format == SourceFormat.CSV:
+        # Persisted: the row accounting must count the lines Spark parsed, not re-read them
+        # (Parquet and Delta counts come from the files' metadata).
+        raw = raw.persist(StorageLevel.MEMORY_AND_DISK)
     validated = validate(raw, src, _label_columns(spec), now_ms, cfg.future_tolerance_s)
-    acc, rej = validated.accepted, validated.rejected
+    acc, rej, staged = validated.accepted, validated.rejected, validated.staged
     if date is not None:
         # the day itself, yesterday (impressions that today's actions may belong to) and the
         # attribution window after midnight (actions of today's impressions)
@@ -173,11 +175,17 @@ def read_validated(
             else run_window(date, src.timezone, 0)[0]
         )
         hi = run_window(date, src.timezone, window_s)[1]
-        acc = acc.where((F.col("event_time_ms") >= lo) & (F.col("event_time_ms") < hi))
+        in_run = (F.col("event_time_ms") >= lo) & (F.col("event_time_ms") < hi)
+        acc = acc.where(in_run)
         if src.events is None:
             acc = acc.where(F.col("date") == date)
-        rej = rej.where(F.col("date").isin(date, "unparsed"))
-    validated = ValidatedSource(accepted=acc, rejected=rej)
+        rej_in_run = F.col("date").isin(date, "unparsed")
+        rej = rej.where(rej_in_run)
+        if staged is not None:
+            ok = F.col("_reason").isNull()
+            staged = staged.where((ok & in_run) | (~ok & rej_in_run))
+    cached = (*validated.cached, *([raw] if src.format == SourceFormat.CSV else []))
+    validated = ValidatedSource(accepted=acc, rejected=rej, staged=staged, cached=cached)
     if src.events is not None:
         validated = sessionize(validated, src, {date} if date else None)
     return validated, raw
@@ -252,8 +260,18 @@ def kernel_plan(spec: FeatureSpec, art: arts.Artifacts) -> KernelPlan:
     )
 
 
+def user_key(user_id: F.Column) -> F.Column:
+    """The kernel's and the user state's user key."""
+    return F.xxhash64(user_id.cast("string"))
+
+
+def kernel_keep(spec: FeatureSpec) -> list[str]:
+    """Internal kernel columns the daily aggregates and the user state read after the kernel."""
+    return [K_USER, *[s_col(t.name) for t in spec.tasks], *[q_col(s.name) for s in spec.sequences]]
+
+
 def with_kernel_columns(spec: FeatureSpec, rows: DataFrame, art: arts.Artifacts) -> DataFrame:
-    out = rows.withColumn(K_USER, F.xxhash64(F.col("user_id").cast("string")))
+    out = rows.withColumn(K_USER, user_key(F.col("user_id")))
     out = out.withColumn(K_DAY, _day_num(F.col("date"))).withColumn(K_W, F.lit(1).cast("long"))
     for t in spec.tasks:
         out = out.withColumn(s_col(t.name), arts.task_value(spec, t.name, art.bins))
@@ -403,12 +421,20 @@ def fit_artifacts(
     wide: DataFrame | None = None,
 ) -> arts.Artifacts:
     """Fit on the training window of ``wide`` (wide rows of every day), or of the whole source."""
+    cached: tuple[DataFrame, ...] = ()
     if wide is None:
         validated, _ = read_validated(spark, spec, cfg, None, now_ms)
         wide = wide_rows(spark, spec, validated.accepted)
-    train = wide.where(_in_train(spec))
+        train = wide.where(_in_train(spec)).persist(StorageLevel.MEMORY_AND_DISK)
+        cached = (*validated.cached, train)
+    else:
+        train = wide.where(_in_train(spec))
     log.info("fitting vocabularies, dense statistics and dwell bins on the training window")
-    return arts.fit(spec, train, tables.artifacts)
+    try:
+        return arts.fit(spec, train, tables.artifacts)
+    finally:
+        for frame in cached:
+            frame.unpersist()
 
 
 def build(
@@ -445,7 +471,9 @@ def _build(
     old_state = _previous_state(spark, spec, tables, date, writer) if date is not None else None
 
     validated, _raw = read_validated(spark, spec, cfg, date, now_ms)
-    accepted = validated.accepted.persist(StorageLevel.MEMORY_AND_DISK)
+    # Both read a persisted frame (validation's, or the sessions'); the few rejected rows are
+    # persisted on their own as three jobs read them.
+    accepted = validated.accepted
     rejected = validated.rejected.persist(StorageLevel.MEMORY_AND_DISK)
     n_acc, n_rej = accepted.count(), rejected.count()
     log.info("validated: %d sessions accepted, %d rows rejected", n_acc, n_rej)
@@ -469,21 +497,24 @@ def _build(
             "usually an upstream failure; set allow_empty_day=true to record it as empty"
         )
 
-    rows = arts.apply(spec, wide, art)
-    rows = with_kernel_columns(spec, rows, art).persist(StorageLevel.MEMORY_AND_DISK)
-    log.info("prepared %d rows in %.1fs", rows.count(), time.time() - t0)
-    wide.unpersist()
-
+    # Not persisted: the rows go once through the kernel's shuffle; its output is persisted
+    # and every table and the summary read it.
+    rows = with_kernel_columns(spec, arts.apply(spec, wide, art), art)
     pseudo = None
     if date is not None:
         if old_state is not None:
-            users = rows.select(F.col(K_USER).alias("user_key")).distinct()
+            users = wide.select(user_key(F.col("user_id")).alias("user_key")).distinct()
             pseudo = pseudo_rows(
                 spec, old_state, _window_daily(spark, spec, tables, date, writer), users
             )
 
-    examples = run_kernel(rows, pseudo, plan, _order_columns(spec), cfg.spark.user_partitions)
-    examples = examples.withColumn("split", _split_col(spec)).select(*example_columns(spec, plan))
+    rows = run_kernel(
+        rows, pseudo, plan, _order_columns(spec), cfg.spark.user_partitions, kernel_keep(spec)
+    )
+    rows = rows.withColumn("split", _split_col(spec)).persist(StorageLevel.MEMORY_AND_DISK)
+    log.info("running features of %d rows at %.1fs", rows.count(), time.time() - t0)
+    wide.unpersist()
+    examples = rows.select(*example_columns(spec, plan))
 
     # Writes: examples, rejected, daily aggregates, user state.
     sort = ["user_id", "event_time_ms", "example_id"]
@@ -576,7 +607,11 @@ def _build(
         _warn_later_dates(tables, date)
 
     log.info("tables written at %.1fs", time.time() - t0)
-    n_actions = validated.actions.count() if validated.actions is not None else 0
+    n_actions = (
+        int(validated.actions.agg(F.sum("n")).first()[0] or 0)
+        if validated.actions is not None
+        else 0
+    )
     rows_in = _rows_in(spec, _raw, date)
     if rows_in is not None and rows_in != n_acc + n_actions + n_rej:
         raise BuildError(
@@ -597,8 +632,8 @@ def _build(
         rows,
         time.time() - t0,
     )
-    accepted.unpersist()
-    rejected.unpersist()
+    for frame in (*validated.cached, rejected):
+        frame.unpersist()
     rows.unpersist()
     return summary
 
@@ -715,10 +750,7 @@ def _summary(
         F.countDistinct("item_id").alias("items"),
         *[F.avg(F.col(f"label_{t.name}").cast("double")).alias(t.name) for t in spec.tasks],
     ).first()
-    splits = {
-        r["split"]: r["count"]
-        for r in rows.withColumn("split", _split_col(spec)).groupBy("split").count().collect()
-    }
+    splits = {r["split"]: r["count"] for r in rows.groupBy("split").count().collect()}
     summary = {
         "spec": spec.name,
         "run": mode,

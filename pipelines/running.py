@@ -216,9 +216,13 @@ def run_kernel(
     plan: KernelPlan,
     order: list[str],
     partitions: int,
+    keep: list[str] | None = None,
 ) -> DataFrame:
-    """rows: real rows with the kernel's internal columns; pseudo: history rows (or None)."""
-    passthrough = [c for c in rows.columns if c not in plan.internal_columns]
+    """rows: real rows with the kernel's internal columns; pseudo: history rows (or None).
+
+    The output holds the real rows' columns but the internal ones, except those in ``keep``,
+    and the running features."""
+    passthrough = [c for c in rows.columns if c not in plan.internal_columns or c in (keep or [])]
     inp = rows.withColumn(K_REAL, F.lit(True))
     if pseudo is not None:
         inp = inp.unionByName(pseudo.withColumn(K_REAL, F.lit(False)), allowMissingColumns=True)

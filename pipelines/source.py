@@ -16,6 +16,8 @@ import glob
 import gzip
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pyspark import StorageLevel
@@ -37,6 +39,7 @@ SPARK_TYPE = {
 CORRUPT = "_corrupt_record"
 FILE = "_source_file"
 FILE_DATE = "_file_date"
+IMP_KEY = "_imp_key"
 MIN_VALID_TIME_MS = 946_684_800_000  # 2000-01-01: anything older is a broken clock
 # Times are turned into calendar days only within +-9999-12-31: Spark's timestamp arithmetic
 # fails (not nulls) on a long far outside that, which would abort the build for one bad row.
@@ -63,8 +66,14 @@ class ValidatedSource:
 
     accepted: DataFrame
     rejected: DataFrame
-    # events sources: the action rows attributed to accepted sessions (accepted input rows too)
+    # events sources: per session, the number `n` of its attributed actions (accepted input
+    # rows too)
     actions: DataFrame | None = None
+    # events sources before `sessionize`: every row typed, with its reject reason (null when
+    # valid) and, when rejected, its raw row as JSON (`_raw`); clustered by impression id
+    staged: DataFrame | None = None
+    # the persisted frames behind these, for the caller to unpersist when done
+    cached: tuple[DataFrame, ...] = ()
 
 
 # --------------------------------------------------------------------------- reading
@@ -268,33 +277,65 @@ def validate(
             (F.col(FILE_DATE).isNotNull() & (day != F.col(FILE_DATE)), "outside_run_date")
         )
 
+    events = source.events is not None
     staged = raw.withColumn("_reason", _first_reason(checks))
+    if events:
+        assert source.events is not None
+        # One shuffle serves validation and sessions: rows clustered by impression id satisfy
+        # the exact-duplicate window (its keys include the id), the impression window and the
+        # per-impression aggregation, so Spark plans no second exchange or sort.
+        imp = source.events.impression_id_column
+        staged = staged.withColumn(IMP_KEY, casts[imp]).repartition(IMP_KEY)
     if source.reject_exact_duplicates:
         # Exact duplicates: identical in every declared column; the first stays, the rest go.
-        w = Window.partitionBy(*[F.col(c) for c in cols]).orderBy(F.col(FILE))
+        keys = ([F.col(IMP_KEY)] if events else []) + [F.col(c) for c in cols]
+        w = Window.partitionBy(*keys).orderBy(F.col(FILE))
         staged = staged.withColumn(
             "_reason",
             F.when(
                 F.col("_reason").isNull() & (F.row_number().over(w) > 1), F.lit("exact_duplicate")
             ).otherwise(F.col("_reason")),
         )
-    # persisted: the accepted and the rejected rows are both read from it
-    staged = staged.withColumn("_day", F.when(time_ms.isNotNull(), day)).persist(
-        StorageLevel.MEMORY_AND_DISK
-    )
+    staged = staged.withColumn("_day", F.when(time_ms.isNotNull(), day))
     raw_json = F.to_json(F.struct(*[F.col(c) for c in cols], F.col(CORRUPT)))
+    # per-date sources account a row to the day of its file, others to the row's own day; for
+    # an accepted row both are its own day
+    row_date = (
+        F.coalesce(F.col(FILE_DATE), F.col("_day"))
+        if source.per_date
+        else F.coalesce(F.col("_day"), F.lit("unparsed"))
+    )
+    hash_cols = [F.coalesce(F.col(c), F.lit("\u0000")) for c in cols]
+    if events:
+        # Not persisted here: `sessionize` reads every row once and persists after its window.
+        typed = staged.select(
+            *[(F.col(IMP_KEY) if c == imp else casts[c]).alias(sc(c)) for c in cols],
+            row_date.alias("date"),
+            time_ms.alias("event_time_ms"),
+            F.xxhash64(*hash_cols).alias("example_id"),
+            F.col(FILE),
+            F.col("_reason"),
+            F.when(F.col("_reason").isNotNull(), raw_json).alias("_raw"),
+        )
+        valid = F.col("_reason").isNull()
+        return ValidatedSource(
+            accepted=typed.where(valid).drop("_reason", "_raw"),
+            rejected=typed.where(~valid).select(
+                "date",
+                F.col("_reason").alias("reason"),
+                F.col(FILE).alias("source_file"),
+                F.col("_raw").alias("raw"),
+            ),
+            staged=typed,
+        )
+    # persisted: the accepted and the rejected rows are both read from it
+    staged = staged.persist(StorageLevel.MEMORY_AND_DISK)
     rejected = staged.where(F.col("_reason").isNotNull()).select(
-        # per-date sources account a row to the day of its file, others to the row's own day
-        (
-            F.coalesce(F.col(FILE_DATE), F.col("_day"))
-            if source.per_date
-            else F.coalesce(F.col("_day"), F.lit("unparsed"))
-        ).alias("date"),
+        row_date.alias("date"),
         F.col("_reason").alias("reason"),
         F.col(FILE).alias("source_file"),
         raw_json.alias("raw"),
     )
-    hash_cols = [F.coalesce(F.col(c), F.lit("\u0000")) for c in cols]
     accepted = staged.where(F.col("_reason").isNull()).select(
         *[casts[c].alias(sc(c)) for c in cols],
         F.col("_day").alias("date"),
@@ -302,10 +343,24 @@ def validate(
         F.xxhash64(*hash_cols).alias("example_id"),
         F.col(FILE),
     )
-    return ValidatedSource(accepted=accepted, rejected=rejected)
+    return ValidatedSource(accepted=accepted, rejected=rejected, cached=(staged,))
 
 
 # --------------------------------------------------------------------------- sessions
+@contextmanager
+def sql_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
+    """A Spark SQL setting for the plans made inside the block."""
+    old = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if old is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, old)
+
+
 def action_column(name: str) -> str:
     return f"action_{name}"
 
@@ -327,26 +382,27 @@ def sessionize(
     actions and impressions dated on these days are accounted here (a nightly run reads the
     neighbour days for attribution only); None = all.
 
-    One shuffle: a window partitioned by impression id finds each id's impression, and the
-    per-impression aggregation reuses that partitioning.
+    One shuffle (`validate`'s, by impression id): a window partitioned by impression id finds
+    each id's impression, and the per-impression aggregation reuses that partitioning. Only the
+    rows after this window are persisted: sessions, rejected rows and actions all read them.
     """
     ev = source.events
-    assert ev is not None
-    acc = validated.accepted
+    assert ev is not None and validated.staged is not None
     typ, imp_id = F.col(sc(ev.type_column)), sc(ev.impression_id_column)
     uid, iid = sc(source.user_id), sc(source.item_id)
     is_imp = typ == ev.impression_type
-    cols = acc.columns
-    # The earliest impression event of each id is the impression (ties by example_id).
+    valid = F.col("_reason").isNull()
+    cols = validated.accepted.columns
+    # The earliest valid impression event of each id is the impression (ties by example_id).
     first_imp = F.min(
         F.when(
-            is_imp,
+            is_imp & valid,
             F.struct(
                 "event_time_ms", "example_id", F.col(uid).alias("u"), F.col(iid).alias("i"), "date"
             ),
         )
     ).over(Window.partitionBy(imp_id))
-    staged = acc.withColumn("_imp", first_imp)
+    staged = validated.staged.withColumn("_imp", first_imp)
     delay = F.col("event_time_ms") - F.col("_imp.event_time_ms")
     too_old = F.datediff(F.to_date(F.col("date")), F.to_date(F.col("_imp.date"))) > 1
     window_ms = ev.attribution_window_s * 1000
@@ -365,10 +421,17 @@ def sessionize(
             ]
         )
     )
-    # persisted: sessions, rejected rows and accepted actions all come from it
-    staged = staged.withColumn("_reason", reason).persist(StorageLevel.MEMORY_AND_DISK)
+    typed_json = F.to_json(
+        F.struct(*[F.col(sc(c)).cast("string").alias(c) for c in source.columns])
+    )
+    staged = staged.select(
+        *cols,
+        F.coalesce(F.col("_reason"), reason).alias("_reason"),
+        F.coalesce(F.col("_raw"), F.when(valid & reason.isNotNull(), typed_json)).alias("_raw"),
+    )
     good = F.col("_reason").isNull()
     good_action = good & ~is_imp
+    counted = F.col("date").isin(sorted(count_dates)) if count_dates is not None else F.lit(True)
     agg = [F.first(F.when(is_imp & good, F.struct(*cols)), ignorenulls=True).alias("_s")]
     agg += [
         F.max(F.when(good_action & (typ == v), F.lit(1)).otherwise(F.lit(0))).alias(
@@ -383,10 +446,29 @@ def sessionize(
         ).alias(value_column(name))
         for name, col in ev.action_values.items()
     ]
+    # The rejected rows and the accepted actions of each id ride along with its session, so
+    # that one aggregation on the window's partitioning yields all three; it is persisted.
+    agg += [
+        F.sum(F.when(good_action & counted, F.lit(1)).otherwise(F.lit(0))).alias("_n_actions"),
+        F.collect_list(
+            F.when(
+                ~good,
+                F.struct(
+                    F.col("date"),
+                    F.col("_reason").alias("reason"),
+                    F.col(FILE).alias("source_file"),
+                    F.col("_raw").alias("raw"),
+                ),
+            )
+        ).alias("_rejected"),
+    ]
+    # Sort-based: the rows arrive sorted by id from the window, while the object-hash aggregate
+    # (Spark's pick for collect_list) falls back to sorting them again after 128 ids. The plan
+    # is fixed when the frame is persisted, so the setting only needs to hold for that call.
+    with sql_conf(staged.sparkSession, "spark.sql.execution.useObjectHashAggregateExec", "false"):
+        per_id = staged.groupBy(imp_id).agg(*agg).persist(StorageLevel.MEMORY_AND_DISK)
     sessions = (
-        staged.groupBy(imp_id)
-        .agg(*agg)
-        .where(F.col("_s").isNotNull())
+        per_id.where(F.col("_s").isNotNull())
         .select(
             *[F.col(f"_s.{c}").alias(c) for c in cols],
             *[action_column(n) for n in ev.actions],
@@ -395,21 +477,15 @@ def sessionize(
         # The impression id is the tie-break identity of a session.
         .withColumn("example_id", F.xxhash64(F.col(imp_id)))
     )
-    raw_json = F.to_json(F.struct(*[F.col(sc(c)).cast("string").alias(c) for c in source.columns]))
-    bad = staged.where(~good).select(
-        F.col("date"),
-        F.col("_reason").alias("reason"),
-        F.col(FILE).alias("source_file"),
-        raw_json.alias("raw"),
-    )
-    rejected = validated.rejected.unionByName(bad)
-    actions = staged.where(good_action).select("date")
+    rejected = per_id.select(F.explode("_rejected").alias("r")).select("r.*")
+    actions = per_id.where(F.col("_n_actions") > 0).select(F.col("_n_actions").alias("n"))
     if count_dates is not None:
         dates = sorted(count_dates)
         sessions = sessions.where(F.col("date").isin(dates))
         rejected = rejected.where(F.col("date").isin(*dates, "unparsed"))
-        actions = actions.where(F.col("date").isin(dates))
-    return ValidatedSource(accepted=sessions, rejected=rejected, actions=actions)
+    return ValidatedSource(
+        accepted=sessions, rejected=rejected, actions=actions, cached=(*validated.cached, per_id)
+    )
 
 
 def run_window(date: str, tz: str, pad_s: int) -> tuple[int, int]:
