@@ -40,6 +40,9 @@ CORRUPT = "_corrupt_record"
 FILE = "_source_file"
 FILE_DATE = "_file_date"
 IMP_KEY = "_imp_key"
+# Rows without a typed impression id (all rejected) are spread over this many groups by a hash
+# of their content, so that a day of null ids does not gather in one task and one group.
+IMP_SPREAD, IMP_SPREAD_BUCKETS = "_imp_spread", 4096
 MIN_VALID_TIME_MS = 946_684_800_000  # 2000-01-01: anything older is a broken clock
 # Times are turned into calendar days only within +-9999-12-31: Spark's timestamp arithmetic
 # fails (not nulls) on a long far outside that, which would abort the build for one bad row.
@@ -278,17 +281,24 @@ def validate(
         )
 
     events = source.events is not None
+    hash_cols = [F.coalesce(F.col(c), F.lit("\u0000")) for c in cols]
     staged = raw.withColumn("_reason", _first_reason(checks))
     if events:
         assert source.events is not None
-        # One shuffle serves validation and sessions: rows clustered by impression id satisfy
-        # the exact-duplicate window (its keys include the id), the impression window and the
-        # per-impression aggregation, so Spark plans no second exchange or sort.
+        # One shuffle serves validation and sessions: rows clustered by (impression id, spread)
+        # satisfy the exact-duplicate window (its keys include both), the impression window and
+        # the per-impression aggregation, so Spark plans no second exchange or sort.
         imp = source.events.impression_id_column
-        staged = staged.withColumn(IMP_KEY, casts[imp]).repartition(IMP_KEY)
+        spread = F.when(
+            casts[imp].isNull(),
+            F.pmod(F.xxhash64(*hash_cols, F.col(CORRUPT), F.col(FILE)), F.lit(IMP_SPREAD_BUCKETS)),
+        ).otherwise(F.lit(0))
+        staged = staged.withColumns({IMP_KEY: casts[imp], IMP_SPREAD: spread}).repartition(
+            IMP_KEY, IMP_SPREAD
+        )
     if source.reject_exact_duplicates:
         # Exact duplicates: identical in every declared column; the first stays, the rest go.
-        keys = ([F.col(IMP_KEY)] if events else []) + [F.col(c) for c in cols]
+        keys = ([F.col(IMP_KEY), F.col(IMP_SPREAD)] if events else []) + [F.col(c) for c in cols]
         w = Window.partitionBy(*keys).orderBy(F.col(FILE))
         staged = staged.withColumn(
             "_reason",
@@ -305,7 +315,6 @@ def validate(
         if source.per_date
         else F.coalesce(F.col("_day"), F.lit("unparsed"))
     )
-    hash_cols = [F.coalesce(F.col(c), F.lit("\u0000")) for c in cols]
     if events:
         # Not persisted here: `sessionize` reads every row once and persists after its window.
         typed = staged.select(
@@ -316,10 +325,11 @@ def validate(
             F.col(FILE),
             F.col("_reason"),
             F.when(F.col("_reason").isNotNull(), raw_json).alias("_raw"),
+            F.col(IMP_SPREAD),
         )
         valid = F.col("_reason").isNull()
         return ValidatedSource(
-            accepted=typed.where(valid).drop("_reason", "_raw"),
+            accepted=typed.where(valid).drop("_reason", "_raw", IMP_SPREAD),
             rejected=typed.where(~valid).select(
                 "date",
                 F.col("_reason").alias("reason"),
@@ -401,7 +411,7 @@ def sessionize(
                 "event_time_ms", "example_id", F.col(uid).alias("u"), F.col(iid).alias("i"), "date"
             ),
         )
-    ).over(Window.partitionBy(imp_id))
+    ).over(Window.partitionBy(imp_id, IMP_SPREAD))
     staged = validated.staged.withColumn("_imp", first_imp)
     delay = F.col("event_time_ms") - F.col("_imp.event_time_ms")
     too_old = F.datediff(F.to_date(F.col("date")), F.to_date(F.col("_imp.date"))) > 1
@@ -428,6 +438,7 @@ def sessionize(
         *cols,
         F.coalesce(F.col("_reason"), reason).alias("_reason"),
         F.coalesce(F.col("_raw"), F.when(valid & reason.isNotNull(), typed_json)).alias("_raw"),
+        F.col(IMP_SPREAD),
     )
     good = F.col("_reason").isNull()
     good_action = good & ~is_imp
@@ -466,7 +477,7 @@ def sessionize(
     # (Spark's pick for collect_list) falls back to sorting them again after 128 ids. The plan
     # is fixed when the frame is persisted, so the setting only needs to hold for that call.
     with sql_conf(staged.sparkSession, "spark.sql.execution.useObjectHashAggregateExec", "false"):
-        per_id = staged.groupBy(imp_id).agg(*agg).persist(StorageLevel.MEMORY_AND_DISK)
+        per_id = staged.groupBy(imp_id, IMP_SPREAD).agg(*agg).persist(StorageLevel.MEMORY_AND_DISK)
     sessions = (
         per_id.where(F.col("_s").isNotNull())
         .select(

@@ -307,3 +307,42 @@ def test_spark_xxhash64_of_longs(spark):
     df = spark.createDataFrame([(v,) for v in values], "v long")
     want = [r["h"] for r in df.select(F.xxhash64("v").alias("h")).collect()]
     assert spark_xxhash64_long(np.array(values, dtype=np.int64)).tolist() == want
+
+
+def test_rows_without_impression_id_are_rejected_and_spread(spark, tmp_path):
+    """A day whose impression ids are mostly null: every such row is rejected with its reason,
+    none is lost, and they do not gather in one aggregation group (one huge list in one task)."""
+    from pipelines.build import read_validated
+
+    n_bad, t0 = 3000, int(dt.datetime(2022, 4, 25, 8, tzinfo=dt.UTC).timestamp() * 1000)
+    good = [
+        (1, 100, 7, 11, "impression", t0, None),
+        (2, 100, 7, 11, "click", t0 + 5_000, None),
+        (3, 101, 8, 12, "impression", t0 + 1_000, None),
+    ]
+    bad = [(10 + i, None, 7 + i % 5, 11, "click", t0 + i, None) for i in range(n_bad)]
+    rows = good + bad
+    day_dir = tmp_path / "events" / "date=2022-04-25"
+    day_dir.mkdir(parents=True)
+    table = pa.Table.from_pylist(
+        [dict(zip(EVENTS_SCHEMA.names, r, strict=True)) for r in rows], schema=EVENTS_SCHEMA
+    )
+    pq.write_table(table, day_dir / "part-0.parquet")
+    spec = load_spec(
+        REPO / "feature_specs" / "synthetic.yaml",
+        overrides=[f"source.path={tmp_path}/events/date={{date}}"],
+    )
+    cfg = PipelineConfig(lake=str(tmp_path / "lake"))
+    validated, _ = read_validated(spark, spec, cfg, "2022-04-25", NOW_MS)
+    rejected = validated.rejected.toPandas()
+    assert (rejected["reason"] == "null_value:impression_id").sum() == n_bad
+    assert len(rejected) == n_bad
+    assert sorted(validated.accepted.select("impression_id").toPandas()["impression_id"]) == [
+        100,
+        101,
+    ]
+    per_id = validated.cached[-1]
+    largest = per_id.selectExpr("max(size(_rejected)) AS m").first()["m"]
+    assert largest < n_bad / 10, largest
+    for frame in validated.cached:
+        frame.unpersist()
