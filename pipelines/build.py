@@ -160,7 +160,8 @@ def read_validated(
         raw = raw.withColumn(FILE_DATE, F.when(F.col(FILE_DATE) != "", F.col(FILE_DATE)))
     else:
         raw = read_raw(spark, src)
-    if src.format == SourceFormat.CSV:
+    cache_raw = src.format == SourceFormat.CSV
+    if cache_raw:
         # Persisted: the row accounting must count the lines Spark parsed, not re-read them
         # (Parquet and Delta counts come from the files' metadata).
         raw = raw.persist(StorageLevel.MEMORY_AND_DISK)
@@ -184,7 +185,7 @@ def read_validated(
         if staged is not None:
             ok = F.col("_reason").isNull()
             staged = staged.where((ok & in_run) | (~ok & rej_in_run))
-    cached = (*validated.cached, *([raw] if src.format == SourceFormat.CSV else []))
+    cached = (*validated.cached, *([raw] if cache_raw else []))
     validated = ValidatedSource(accepted=acc, rejected=rej, staged=staged, cached=cached)
     if src.events is not None:
         validated = sessionize(validated, src, {date} if date else None)

@@ -16,8 +16,6 @@ import glob
 import gzip
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pyspark import StorageLevel
@@ -26,6 +24,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
+from pipelines.spark import sql_conf
 from pipelines.spec import LogSource, SourceFormat, TableSource, TaskKind
 
 SPARK_TYPE = {
@@ -357,20 +356,6 @@ def validate(
 
 
 # --------------------------------------------------------------------------- sessions
-@contextmanager
-def sql_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
-    """A Spark SQL setting for the plans made inside the block."""
-    old = spark.conf.get(key, None)
-    spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        if old is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, old)
-
-
 def action_column(name: str) -> str:
     return f"action_{name}"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pyspark.sql import SparkSession
@@ -44,3 +46,17 @@ def _python() -> str:
     import sys
 
     return sys.executable
+
+
+@contextmanager
+def sql_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
+    """A Spark SQL setting for the plans made inside the block."""
+    old = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if old is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, old)
