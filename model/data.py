@@ -1,8 +1,10 @@
 """Training batches read from the ``examples`` Delta table, through its Delta log.
 
-The examples table (``pipelines/build.py``) holds one row per impression, partitioned by ``date``
-and sorted within each file by (user_id, event_time_ms, example_id). This module turns it into
-TorchRec-ready :class:`Batch` objects:
+The examples table (``pipelines/build.py``) holds one row per impression, partitioned by ``date``.
+Within a date each user's rows lie in one file, contiguous and in time order (ties in the spec's
+tie-break order): the feature kernel writes one file per task and date, its rows in (user key,
+time) order (with ``delta.writer=delta-spark`` a date's rows are instead sorted by (user_id, event_time_ms,
+example_id)). This module turns it into TorchRec-ready :class:`Batch` objects:
 
 * **Through the log**: ``deltalake.DeltaTable(path, version=...)`` pins one snapshot (time travel
   with ``version``); its files are scanned as a pyarrow dataset, in (date, file) order, with the
@@ -11,9 +13,10 @@ TorchRec-ready :class:`Batch` objects:
 * **Vectorised**: a columnar Arrow batch becomes a :class:`Batch` with numpy / torch array ops;
   the sequence KeyedJaggedTensor is built from the Arrow list offsets directly. No per-row Python.
 * **Sharded by user**: row r goes to rank ``user_key mod world_size`` (non-negative modulo), so
-  all events of a user are seen by one rank, in stored order: dates ascending, within a date by
-  (user, time). ``user_key`` is Spark's ``xxhash64(cast(user_id as string))`` (seed 42), the key
-  of the pipeline's ``user_state`` table, recomputed here with a vectorised XXH64.
+  all events of a user are seen by one rank, in stored order: dates ascending, within a date
+  files by path, and each user's rows of a day in time order. ``user_key`` is Spark's
+  ``xxhash64(cast(user_id as string))`` (seed 42), the key of the pipeline's ``user_state``
+  table, recomputed here with a vectorised XXH64.
 * **Equal batch counts**: TorchRec's all-to-all collectives hang if one rank runs out of batches
   early. A cheap first pass over the ``user_id`` column (plus the label columns, to check them)
   counts the rows per rank; every rank then yields exactly :attr:`ExamplesDataset.num_batches`

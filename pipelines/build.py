@@ -28,11 +28,13 @@ from pipelines.config import PipelineConfig
 from pipelines.progress import spark_progress
 from pipelines.running import (
     K_DAY,
+    K_FILE,
     K_USER,
     K_W,
     PSEUDO_DAY,
     PSEUDO_TIME,
     KernelPlan,
+    KernelSink,
     q_col,
     run_kernel,
     s_col,
@@ -271,6 +273,23 @@ def kernel_keep(spec: FeatureSpec) -> list[str]:
     return [K_USER, *[s_col(t.name) for t in spec.tasks], *[q_col(s.name) for s in spec.sequences]]
 
 
+def after_kernel_columns(spec: FeatureSpec) -> list[str]:
+    """The columns the daily aggregates, the user state and the summary read after the kernel
+    (with a kernel sink, the only ones it hands back to Spark)."""
+    labels = [f"label_{t.name}" for t in spec.tasks]
+    return [
+        "date",
+        "user_id",
+        "item_id",
+        "item_idx",
+        "event_time_ms",
+        *_order_columns(spec),
+        "split",
+        *labels,
+        *kernel_keep(spec),
+    ]
+
+
 def with_kernel_columns(spec: FeatureSpec, rows: DataFrame, art: arts.Artifacts) -> DataFrame:
     out = rows.withColumn(K_USER, user_key(F.col("user_id")))
     out = out.withColumn(K_DAY, _day_num(F.col("date"))).withColumn(K_W, F.lit(1).cast("long"))
@@ -501,6 +520,7 @@ def _build(
     # Not persisted: the rows go once through the kernel's shuffle; its output is persisted
     # and every table and the summary read it.
     rows = with_kernel_columns(spec, arts.apply(spec, wide, art), art)
+    rows = rows.withColumn("split", _split_col(spec))
     pseudo = None
     if date is not None:
         if old_state is not None:
@@ -509,29 +529,55 @@ def _build(
                 spec, old_state, _window_daily(spark, spec, tables, date, writer), users
             )
 
-    rows = run_kernel(
-        rows, pseudo, plan, _order_columns(spec), cfg.spark.user_partitions, kernel_keep(spec)
-    )
-    rows = rows.withColumn("split", _split_col(spec)).persist(StorageLevel.MEMORY_AND_DISK)
-    log.info("running features of %d rows at %.1fs", rows.count(), time.time() - t0)
+    # With delta-rs the kernel task writes the examples' files itself (see running.KernelSink)
+    # and hands back only what the other tables and the summary read; delta-spark writes them
+    # from the kernel's full output.
+    examples_cols = example_columns(spec, plan)
+    sink = None
+    if writer == "delta-rs":
+        full = T.StructType([*rows.schema.fields, *plan.output_fields()])
+        target = delta_io.write_target(
+            tables.examples, T.StructType([full[c] for c in examples_cols]), ["date"]
+        )
+        sink = KernelSink(target, after_kernel_columns(spec))
+    out = run_kernel(
+        rows, pseudo, plan, _order_columns(spec), cfg.spark.user_partitions, kernel_keep(spec), sink
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    n_out = out.count()
     wide.unpersist()
-    examples = rows.select(*example_columns(spec, plan))
-
-    # Writes: examples, rejected, daily aggregates, user state.
-    sort = ["user_id", "event_time_ms", "example_id"]
+    files: list[dict] = []
+    rows = out
+    if sink is not None:
+        files = [
+            json.loads(r[0]) for r in out.where(F.col(K_FILE).isNotNull()).select(K_FILE).collect()
+        ]
+        rows = out.where(F.col(K_FILE).isNull()).drop(K_FILE)
+        log.info("the kernel wrote %d examples files", len(files))
+    log.info("running features of %d rows at %.1fs", n_out - len(files), time.time() - t0)
     info = {"run": mode}
-    if date is None:
-        dates = sorted(r["date"] for r in rows.select("date").distinct().collect())
-        last = dates[-1]
+
+    def write_examples(replace: dict[str, list[str]] | None) -> None:
+        if sink is not None:
+            delta_io.commit_files(
+                sink.target, files, mode="overwrite", replace_partitions=replace, commit_info=info
+            )
+            return
         delta_io.write_delta(
-            examples,
+            rows.select(*examples_cols),
             tables.examples,
             partition_by=["date"],
             mode="overwrite",
-            sort_within=sort,
+            replace_partitions=replace,
+            sort_within=["user_id", "event_time_ms", "example_id"],
             writer=writer,
             commit_info=info,
         )
+
+    # Writes: examples, rejected, daily aggregates, user state.
+    if date is None:
+        dates = sorted(r["date"] for r in rows.select("date").distinct().collect())
+        last = dates[-1]
+        write_examples(None)
         delta_io.write_delta(
             rejected,
             tables.rejected,
@@ -565,16 +611,7 @@ def _build(
     else:
         dates = [date]
         rep = {"date": [date]}
-        delta_io.write_delta(
-            examples,
-            tables.examples,
-            partition_by=["date"],
-            mode="overwrite",
-            replace_partitions=rep,
-            sort_within=sort,
-            writer=writer,
-            commit_info=info,
-        )
+        write_examples(rep)
         rej_dates = [date] + (["unparsed"] if not spec.source.per_date else [])
         delta_io.write_delta(
             rejected.where(F.col("date").isin(rej_dates)),
@@ -633,9 +670,8 @@ def _build(
         rows,
         time.time() - t0,
     )
-    for frame in (*validated.cached, rejected):
+    for frame in (*validated.cached, rejected, out):
         frame.unpersist()
-    rows.unpersist()
     return summary
 
 

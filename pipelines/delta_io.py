@@ -13,6 +13,10 @@ Writing (``writer="delta-rs"``, the default) scales like delta-spark without its
    ``partition_filters``: delta-rs removes exactly the files of those partitions in the same commit,
    so readers see either the old or the new partitions, never a mix.
 
+The two halves are public for jobs that already run a ``mapInArrow`` over the rows (the feature
+kernel): ``write_target`` checks the schema against the table, ``WriteTarget.task_writer()``
+writes a task's files and returns their metadata rows, ``commit_files`` commits them.
+
 Reading goes through the Delta log, never by listing Parquet files:
 ``DeltaTable(path, version).file_uris(...)`` then ``spark.read.parquet(*files)`` with the table's
 schema, the partition columns coming from the paths (as strings).
@@ -145,29 +149,85 @@ def write_delta(
     if writer != "delta-rs":
         raise ValueError(f"unknown writer {writer!r}; use 'delta-rs' or 'delta-spark'")
 
-    from deltalake import DeltaTable
-    from deltalake import Schema as DeltaSchema
-    from deltalake.transaction import CommitProperties, create_table_with_add_actions
-
-    root = _table_root(path)
     df = df.withColumns(
         {c: df[c].cast("string") for c in partition_by if df.schema[c].dataType != StringType()}
     )
-    arrow_schema = _arrow_schema_of(df, partition_by)
-    exists = DeltaTable.is_deltatable(root)
-    table = DeltaTable(root) if exists else None
-    if table is not None:
-        _check_same_table(table, arrow_schema, partition_by, root)
+    target = write_target(path, df.schema, partition_by)
+    files = _write_data_files(df, target)
+    return commit_files(
+        target, files, mode=mode, replace_partitions=replace_partitions, commit_info=commit_info
+    )
 
-    actions = _write_data_files(df, root, partition_by, arrow_schema)
+
+@dataclass(frozen=True)
+class WriteTarget:
+    """A Delta table to write, checked against the existing table before any file is written.
+
+    ``schema`` is the table's Arrow schema (data columns, then partition columns as strings).
+    Executors write the files with :meth:`task_writer` (a new one per task); the driver commits
+    the metadata rows they yield with :func:`commit_files`."""
+
+    root: str
+    schema: pa.Schema
+    partition_by: tuple[str, ...]
+    exists: bool
+
+    def task_writer(self) -> TaskFileWriter:
+        return TaskFileWriter(self.root, list(self.partition_by), self.schema)
+
+
+def write_target(path: str, schema: StructType, partition_by: list[str]) -> WriteTarget:
+    """The write target for rows of Spark ``schema``; ValueError when it differs from the
+    existing table's schema or partition columns."""
+    from deltalake import DeltaTable
+
+    root = _table_root(path)
+    arrow_schema = _arrow_schema_of(schema, partition_by)
+    exists = DeltaTable.is_deltatable(root)
+    if exists:
+        _check_same_table(DeltaTable(root), arrow_schema, partition_by, root)
+    return WriteTarget(root, arrow_schema, tuple(partition_by), exists)
+
+
+def commit_files(
+    target: WriteTarget,
+    files: Sequence[dict[str, Any]],
+    *,
+    mode: Literal["append", "overwrite"],
+    replace_partitions: dict[str, list[str]] | None = None,
+    commit_info: dict[str, str] | None = None,
+) -> int:
+    """Commit files written by ``target.task_writer()`` (the metadata rows its ``finish``
+    returns) in one Delta transaction, with ``write_delta``'s ``mode`` and ``replace_partitions``
+    semantics; return the new version."""
+    from deltalake import DeltaTable
+    from deltalake import Schema as DeltaSchema
+    from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+
+    root, partition_by = target.root, list(target.partition_by)
+    actions = [
+        AddAction(
+            path=f["path"],
+            size=f["size"],
+            partition_values=json.loads(f["partition_values"]),
+            modification_time=f["modification_time"],
+            data_change=True,
+            stats=f["stats"],
+        )
+        for f in files
+    ]
     if replace_partitions:
         _check_inside(actions, replace_partitions, root)
+    exists = DeltaTable.is_deltatable(root)
+    if exists != target.exists:
+        raise RuntimeError(f"the Delta table at {root} was created or deleted during the write")
+    table = DeltaTable(root) if exists else None
 
     custom: dict[str, Any] = dict(commit_info or {})
     if table is None:
         create_table_with_add_actions(
             root,
-            DeltaSchema.from_arrow(arrow_schema),
+            DeltaSchema.from_arrow(target.schema),
             actions,
             mode="error",
             partition_by=partition_by or None,
@@ -336,9 +396,10 @@ def _write_delta_spark(
     return table_version(path)
 
 
-def _arrow_schema_of(df: DataFrame, partition_by: list[str]) -> pa.Schema:
-    """The Delta table's Arrow schema for ``df``: stable types, all nullable, partitions string."""
-    schema = to_arrow_schema(df.schema, timezone="UTC")
+def _arrow_schema_of(struct: StructType, partition_by: list[str]) -> pa.Schema:
+    """The Delta table's Arrow schema for rows of ``struct``: stable types, all nullable,
+    partition columns as strings."""
+    schema = to_arrow_schema(struct, timezone="UTC")
     fields = []
     for f in schema:
         typ = pa.string() if f.name in partition_by else _normalize_type(f.type)
@@ -399,28 +460,15 @@ def _check_same_table(table: Any, arrow_schema: pa.Schema, partition_by: list[st
     )
 
 
-def _write_data_files(
-    df: DataFrame, root: str, partition_by: list[str], arrow_schema: pa.Schema
-) -> list[Any]:
-    """Executors write the Parquet files; return one ``AddAction`` per file (driver side).
+def _write_data_files(df: DataFrame, target: WriteTarget) -> list[dict[str, Any]]:
+    """Executors write the Parquet files; return one metadata row per file (driver side).
 
     Only the per-file metadata rows are collected to the driver, never data rows.
     """
-    from deltalake.transaction import AddAction
-
-    write = _TaskWriter(root=root, partition_by=list(partition_by), schema=arrow_schema)
-    meta = df.select(*[df[n] for n in arrow_schema.names]).mapInArrow(write, _META_SCHEMA)
-    return [
-        AddAction(
-            path=r.path,
-            size=r.size,
-            partition_values=json.loads(r.partition_values),
-            modification_time=r.modification_time,
-            data_change=True,
-            stats=r.stats,
-        )
-        for r in meta.collect()
-    ]
+    meta = df.select(*[df[n] for n in target.schema.names]).mapInArrow(
+        _TaskWriter(target), _META_SCHEMA
+    )
+    return [r.asDict() for r in meta.collect()]
 
 
 def _check_inside(actions: list[Any], replace: dict[str, list[str]], root: str) -> None:
@@ -669,50 +717,82 @@ class _OpenFile:
                 pass
 
 
+class TaskFileWriter:
+    """One task's Parquet files of a Delta table: one open file per partition value.
+
+    Rows go in with :meth:`write` (any batches whose columns are the table's, in its order), in
+    any partition order; :meth:`finish` closes the files and returns one metadata row per file
+    (path, size, partition_values, num_records, stats, modification_time), for :func:`commit_files`. On failure :meth:`abort` deletes them. Files
+    are named ``part-<task partition>-<uuid>.parquet``, as Spark names them, so that the loader's
+    (date, path) order follows the task order.
+    """
+
+    def __init__(self, root: str, partition_by: list[str], schema: pa.Schema):
+        self.fs, self.base = pafs.FileSystem.from_uri(root)
+        self.partition_by, self.schema = partition_by, schema
+        self.data_names = [n for n in schema.names if n not in partition_by]
+        self.data_schema = pa.schema([schema.field(n) for n in self.data_names])
+        self.files: dict[tuple[str | None, ...], _OpenFile] = {}
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        self.task = ctx.partitionId() if ctx is not None else 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        batch = batch.cast(self.schema)
+        for key, rows in _split_by_partition(batch, self.partition_by):
+            f = self.files.get(key)
+            if f is None:
+                prefix = _partition_dir(self.partition_by, key)
+                name = f"part-{self.task:05d}-{uuid.uuid4()}.parquet"
+                rel = f"{prefix}/{name}" if prefix else name
+                f = self.files[key] = _OpenFile(self.fs, self.base, rel, self.data_schema)
+            f.add(rows.select(self.data_names))
+        if sum(f.pending_bytes for f in self.files.values()) >= TASK_BUFFER_BYTES:
+            for f in self.files.values():
+                f.flush()
+
+    def finish(self) -> list[dict[str, Any]]:
+        out = []
+        for key, f in self.files.items():
+            size, mtime = f.close()
+            pvals = {
+                c: (None if v == "" else v) for c, v in zip(self.partition_by, key, strict=True)
+            }
+            out.append(
+                {
+                    "path": f.rel_path,
+                    "size": size,
+                    "partition_values": json.dumps(pvals),
+                    "num_records": f.stats.num_records,
+                    "stats": f.stats.to_json(),
+                    "modification_time": mtime,
+                }
+            )
+        return out
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.abort()
+
+
 @dataclass
 class _TaskWriter:
-    """The ``mapInArrow`` function: writes a task's rows, yields one metadata row per file."""
+    """The ``mapInArrow`` function of ``write_delta``: writes a task's rows, yields one metadata
+    row per file."""
 
-    root: str
-    partition_by: list[str]
-    schema: pa.Schema  # full table schema (data columns + partition columns as string)
+    target: WriteTarget
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        fs, base = pafs.FileSystem.from_uri(self.root)
-        data_names = [n for n in self.schema.names if n not in self.partition_by]
-        data_schema = pa.schema([self.schema.field(n) for n in data_names])
-        files: dict[tuple[str | None, ...], _OpenFile] = {}
+        writer = self.target.task_writer()
         try:
             for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                batch = batch.cast(self.schema)
-                for key, rows in _split_by_partition(batch, self.partition_by):
-                    f = files.get(key)
-                    if f is None:
-                        prefix = _partition_dir(self.partition_by, key)
-                        name = f"part-{uuid.uuid4()}.parquet"
-                        rel = f"{prefix}/{name}" if prefix else name
-                        f = files[key] = _OpenFile(fs, base, rel, data_schema)
-                    f.add(rows.select(data_names))
-                if sum(f.pending_bytes for f in files.values()) >= TASK_BUFFER_BYTES:
-                    for f in files.values():
-                        f.flush()
-            out: dict[str, list[Any]] = {n: [] for n in _META_ARROW.names}
-            for key, f in files.items():
-                size, mtime = f.close()
-                pvals = {
-                    c: (None if v == "" else v) for c, v in zip(self.partition_by, key, strict=True)
-                }
-                out["path"].append(f.rel_path)
-                out["size"].append(size)
-                out["partition_values"].append(json.dumps(pvals))
-                out["num_records"].append(f.stats.num_records)
-                out["stats"].append(f.stats.to_json())
-                out["modification_time"].append(mtime)
+                writer.write(batch)
+            files = writer.finish()
         except BaseException:
-            for f in files.values():
-                f.abort()
+            writer.abort()
             raise
         if files:
-            yield pa.RecordBatch.from_pydict(out, schema=_META_ARROW)
+            yield pa.RecordBatch.from_pylist(files, schema=_META_ARROW)

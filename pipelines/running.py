@@ -16,11 +16,15 @@ from the daily aggregates. Integer sums keep both paths bit-identical.
 
 The kernel runs inside ``mapInArrow`` on partitions hash-partitioned by user and sorted by
 (user, time, tie-break); it is vectorised numpy, so its cost is O(n log n) per partition with
-no per-row Python.
+no per-row Python. With a :class:`KernelSink` the kernel task also writes the examples' Parquet
+files itself and hands back to Spark only the few columns later jobs read, plus one metadata row
+per file: the wide rows (features, sequences) then never travel back from Python to the JVM,
+nor through a second shuffle and sort for the write.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,6 +34,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from pipelines.delta_io import TaskFileWriter, WriteTarget
+
 PSEUDO_TIME = -(2**62)
 PSEUDO_DAY = -1_000_000_000
 DAY_OFFSET = 2_000_000_000
@@ -37,6 +43,8 @@ DAY_KEY = 2**32
 
 # Internal kernel columns (dropped from the output).
 K_USER, K_REAL, K_DAY, K_W = "_k_user", "_k_real", "_k_day", "_k_w"
+# With a sink: the JSON metadata of one written file (null on the data rows).
+K_FILE = "_k_file"
 
 
 def s_col(task: str) -> str:
@@ -163,11 +171,30 @@ def compute(cols: dict[str, np.ndarray], plan: KernelPlan) -> dict[str, np.ndarr
     return out
 
 
-def make_mapper(plan: KernelPlan, passthrough: list[str], out_schema: pa.Schema):
-    """A mapInArrow function: buffers each user's rows across batches, then runs `compute`."""
-    needed = ["event_time_ms", "item_idx", *plan.internal_columns]
+@dataclass(frozen=True)
+class KernelSink:
+    """Where the kernel task writes its real rows: the columns of ``target.schema`` (passthrough
+    and running-feature columns) go to ``target``'s files; the kernel's output is then only the
+    passthrough columns ``keep`` and :data:`K_FILE`."""
 
-    def run(table: pa.Table) -> pa.RecordBatch:
+    target: WriteTarget
+    keep: list[str]
+
+
+def _batch(columns: dict[str, pa.Array], schema: pa.Schema) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
+
+
+def make_mapper(
+    plan: KernelPlan, passthrough: list[str], out_schema: pa.Schema, sink: KernelSink | None = None
+):
+    """A mapInArrow function: buffers each user's rows across batches, then runs `compute`."""
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    needed = ["event_time_ms", "item_idx", *plan.internal_columns]
+    feature_types = {f.name: to_arrow_type(f.dataType) for f in plan.output_fields()}
+
+    def run(table: pa.Table, writer: TaskFileWriter | None) -> pa.RecordBatch:
         cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in needed}
         for c in cols:
             if cols[c].dtype == object:  # nulls on pseudo rows
@@ -175,17 +202,34 @@ def make_mapper(plan: KernelPlan, passthrough: list[str], out_schema: pa.Schema)
         res = compute(cols, plan)
         real_mask = pa.array(cols[K_REAL].astype(bool))
         kept = table.select(passthrough).filter(real_mask)
-        arrays = [kept.column(c).combine_chunks() for c in passthrough]
-        for f in out_schema:
-            if f.name in passthrough:
-                continue
-            v = res[f.name]
-            arrays.append(v if isinstance(v, pa.Array) else pa.array(v, f.type))
-        return pa.RecordBatch.from_arrays(
-            [a.cast(f.type) for a, f in zip(arrays, out_schema, strict=True)], schema=out_schema
-        )
+        arrays = {c: kept.column(c).combine_chunks() for c in passthrough}
+        for name, v in res.items():
+            arrays[name] = v if isinstance(v, pa.Array) else pa.array(v, feature_types[name])
+        if writer is None:
+            return _batch(arrays, out_schema)
+        writer.write(_batch(arrays, sink.target.schema))
+        arrays[K_FILE] = pa.nulls(kept.num_rows, pa.string())
+        return _batch(arrays, out_schema)
 
     def mapper(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        if sink is None:
+            yield from kernel(batches, None)
+            return
+        writer = sink.target.task_writer()
+        try:
+            yield from kernel(batches, writer)
+            files = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        if files:
+            meta = {f.name: pa.nulls(len(files), f.type) for f in out_schema}
+            meta[K_FILE] = pa.array([json.dumps(f) for f in files], pa.string())
+            yield _batch(meta, out_schema)
+
+    def kernel(
+        batches: Iterator[pa.RecordBatch], writer: TaskFileWriter | None
+    ) -> Iterator[pa.RecordBatch]:
         pending: list[pa.RecordBatch] = []
         for batch in batches:
             if batch.num_rows == 0:
@@ -199,11 +243,11 @@ def make_mapper(plan: KernelPlan, passthrough: list[str], out_schema: pa.Schema)
             head, cut = batch.slice(0, first_of_last), batch.slice(first_of_last)
             table = pa.Table.from_batches([*pending, head])
             pending = [cut]
-            out = run(table.combine_chunks())
+            out = run(table.combine_chunks(), writer)
             if out.num_rows:
                 yield out
         if pending:
-            out = run(pa.Table.from_batches(pending).combine_chunks())
+            out = run(pa.Table.from_batches(pending).combine_chunks(), writer)
             if out.num_rows:
                 yield out
 
@@ -217,20 +261,36 @@ def run_kernel(
     order: list[str],
     partitions: int,
     keep: list[str] | None = None,
+    sink: KernelSink | None = None,
 ) -> DataFrame:
     """rows: real rows with the kernel's internal columns; pseudo: history rows (or None).
 
-    The output holds the real rows' columns but the internal ones, except those in ``keep``,
-    and the running features."""
+    Without a sink, the output holds the real rows' columns but the internal ones, except those
+    in ``keep``, and the running features. With one, those columns are written to the sink's
+    files, and the output holds ``sink.keep`` and :data:`K_FILE`: the real rows with a null
+    ``K_FILE``, then one row per written file with its metadata and null data columns."""
     passthrough = [c for c in rows.columns if c not in plan.internal_columns or c in (keep or [])]
     inp = rows.withColumn(K_REAL, F.lit(True))
     if pseudo is not None:
         inp = inp.unionByName(pseudo.withColumn(K_REAL, F.lit(False)), allowMissingColumns=True)
     inp = inp.repartition(partitions, K_USER).sortWithinPartitions(K_USER, "event_time_ms", *order)
-    out_struct = T.StructType(
-        [f for f in rows.schema.fields if f.name in passthrough] + plan.output_fields()
-    )
+    if sink is None:
+        out_struct = T.StructType(
+            [f for f in rows.schema.fields if f.name in passthrough] + plan.output_fields()
+        )
+    else:
+        written = [*passthrough, *(f.name for f in plan.output_fields())]
+        missing = [n for n in sink.target.schema.names if n not in written]
+        if missing or any(c not in passthrough for c in sink.keep):
+            raise ValueError(
+                f"kernel sink: columns {missing} of the target {sink.target.root} and kept "
+                f"columns {[c for c in sink.keep if c not in passthrough]} are not in the kernel"
+            )
+        out_struct = T.StructType(
+            [T.StructField(c, rows.schema[c].dataType, True) for c in sink.keep]
+            + [T.StructField(K_FILE, T.StringType(), True)]
+        )
     from pyspark.sql.pandas.types import to_arrow_schema
 
     arrow_schema = to_arrow_schema(out_struct)
-    return inp.mapInArrow(make_mapper(plan, passthrough, arrow_schema), out_struct)
+    return inp.mapInArrow(make_mapper(plan, passthrough, arrow_schema, sink), out_struct)

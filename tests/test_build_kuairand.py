@@ -142,6 +142,24 @@ def test_rows_are_the_raw_log_without_exact_duplicates(raw_slice, full_lake: Tab
     np.testing.assert_array_equal(got.sort_values(key).to_numpy(), want)
 
 
+def test_examples_files_keep_each_users_day_in_time_order(full_lake: Tables, nightly_lake: Tables):
+    """What the loader relies on: within a date a user's rows lie in one file, contiguous and in
+    time order; files are named part-<task>-<uuid> as Spark names them."""
+    for tables in (full_lake, nightly_lake):
+        files = DeltaTable(tables.examples).file_uris()
+        assert files and all(Path(f).name.startswith("part-") for f in files)
+        owner: dict[tuple[str, int], str] = {}
+        for f in files:
+            date = Path(f).parent.name.removeprefix("date=")
+            df = pq.read_table(f, columns=["user_id", "event_time_ms"]).to_pandas()
+            for user, rows in df.groupby("user_id", sort=False):
+                assert owner.setdefault((date, int(user)), f) == f, (date, user)
+                assert rows["event_time_ms"].is_monotonic_increasing, (f, user)
+            # a user's rows are contiguous in the file
+            runs = (df["user_id"] != df["user_id"].shift()).sum()
+            assert runs == df["user_id"].nunique(), f
+
+
 @pytest.fixture(scope="module")
 def examples(full_lake: Tables) -> pd.DataFrame:
     return DeltaTable(full_lake.examples).to_pandas()

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 from deltalake import DeltaTable, write_deltalake
@@ -223,9 +224,14 @@ def lake(request) -> Lake:
 
 # --------------------------------------------------------------------------- helpers
 def _reference(lake: Lake, splits=("train",), version: int | None = None) -> pd.DataFrame:
-    df = DeltaTable(lake.path, version=version).to_pandas()
-    df = df[df["split"].isin(list(splits))]
-    return df.sort_values(["date", "user_id", "event_time_ms", "example_id"]).reset_index(drop=True)
+    """The snapshot's rows of ``splits`` in stored order: files by (date, path), then file order."""
+    frames = []
+    uris = DeltaTable(lake.path, version=version).file_uris()
+    for uri in sorted(uris, key=lambda u: (Path(u).parent.name, u)):
+        df = pq.read_table(uri).to_pandas()
+        frames.append(df.assign(date=Path(uri).parent.name.removeprefix("date=")))
+    df = pd.concat(frames, ignore_index=True)
+    return df[df["split"].isin(list(splits))].reset_index(drop=True)
 
 
 def _real(batches: list[Batch]) -> dict[str, np.ndarray]:
