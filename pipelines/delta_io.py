@@ -163,7 +163,8 @@ def write_delta(
 class WriteTarget:
     """A Delta table to write, checked against the existing table before any file is written.
 
-    ``schema`` is the table's Arrow schema (data columns, then partition columns as strings).
+    ``schema`` is the table's Arrow schema: the rows' columns in their order, all nullable, the
+    partition columns as strings.
     Executors write the files with :meth:`task_writer` (a new one per task); the driver commits
     the metadata rows they yield with :func:`commit_files`."""
 
@@ -220,6 +221,7 @@ def commit_files(
         _check_inside(actions, replace_partitions, root)
     exists = DeltaTable.is_deltatable(root)
     if exists != target.exists:
+        _remove_files(root, [a.path for a in actions])
         raise RuntimeError(f"the Delta table at {root} was created or deleted during the write")
     table = DeltaTable(root) if exists else None
 

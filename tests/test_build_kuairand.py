@@ -158,6 +158,10 @@ def test_examples_files_keep_each_users_day_in_time_order(full_lake: Tables, nig
             # a user's rows are contiguous in the file
             runs = (df["user_id"] != df["user_id"].shift()).sum()
             assert runs == df["user_id"].nunique(), f
+    # The kernel writes the files as it runs: had it run twice (its output recomputed instead of
+    # read from the cache), the first run's files would lie beside the committed ones.
+    on_disk = {str(p) for p in Path(full_lake.examples).rglob("*.parquet")}
+    assert on_disk == {str(Path(f)) for f in DeltaTable(full_lake.examples).file_uris()}
 
 
 @pytest.fixture(scope="module")
