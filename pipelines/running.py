@@ -205,10 +205,9 @@ def make_mapper(
         arrays = {c: kept.column(c).combine_chunks() for c in passthrough}
         for name, v in res.items():
             arrays[name] = v if isinstance(v, pa.Array) else pa.array(v, feature_types[name])
-        if writer is None:
-            return _batch(arrays, out_schema)
-        writer.write(_batch(arrays, sink.target.schema))
-        arrays[K_FILE] = pa.nulls(kept.num_rows, pa.string())
+        if writer is not None:
+            writer.write(_batch(arrays, sink.target.schema))
+            arrays[K_FILE] = pa.nulls(kept.num_rows, pa.string())
         return _batch(arrays, out_schema)
 
     def mapper(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
