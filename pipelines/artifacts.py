@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from pipelines.spec import DenseTransform, FeatureSpec, TaskKind
@@ -26,6 +27,7 @@ PERCENTILE_ACCURACY = 1_000_000  # exact below 1M distinct ranks, bounded memory
 # Vocabularies up to this size are broadcast to the join (a hash lookup in the JVM per row);
 # larger ones are joined by a shuffle.
 BROADCAST_VOCAB_MAX = 1_000_000
+INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 
 
 @dataclass
@@ -126,28 +128,41 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_dir = out_dir / "vocab"
     vocab_dir.mkdir(exist_ok=True)
-    head = train_rows.agg(F.count(F.lit(1)).alias("n"), F.collect_set("date").alias("d")).first()
-    n_rows = int(head["n"])
+    per_date = {r["date"]: r["count"] for r in train_rows.groupBy("date").count().collect()}
+    n_rows = sum(per_date.values())
     if n_rows == 0:
         raise ValueError("the training window holds no accepted rows: check split dates and source")
-    dates = sorted(head["d"])
+    dates = sorted(per_date)
 
-    # All vocabularies in one scan: (table, value) pairs exploded, counted per table.
+    # All vocabularies in one scan: (table, value) pairs exploded, counted per table. A table
+    # whose columns are all integers is counted on the numbers (hashing and comparing longs,
+    # not strings); values become strings only on the counted pairs.
+    tables = vocab_tables(spec)
+    integral = {
+        table: all(isinstance(train_rows.schema[c].dataType, INTEGRAL) for c in cols)
+        for table, cols in tables.items()
+    }
+    no_num, no_str = F.lit(None).cast("long"), F.lit(None).cast("string")
     pairs = F.explode(
         F.array(
             *[
-                F.struct(F.lit(table).alias("tbl"), F.col(c).cast("string").alias("value"))
-                for table, cols in vocab_tables(spec).items()
+                F.struct(
+                    F.lit(table).alias("tbl"),
+                    (F.col(c).cast("long") if integral[table] else no_num).alias("num"),
+                    (no_str if integral[table] else F.col(c).cast("string")).alias("str"),
+                )
+                for table, cols in tables.items()
                 for c in cols
             ]
         )
     ).alias("p")
     counts = (
         train_rows.select(pairs)
-        .select("p.tbl", "p.value")
-        .where("value is not null")
-        .groupBy("tbl", "value")
+        .select("p.*")
+        .where("num is not null or str is not null")
+        .groupBy("tbl", "num", "str")
         .count()
+        .select("tbl", F.coalesce("str", F.col("num").cast("string")).alias("value"), "count")
     )
     limits = {t: _vocab_limits(spec, t) for t in vocab_tables(spec)}
     keep = F.lit(False)

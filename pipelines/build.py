@@ -645,11 +645,7 @@ def _build(
         _warn_later_dates(tables, date)
 
     log.info("tables written at %.1fs", time.time() - t0)
-    n_actions = (
-        int(validated.actions.agg(F.sum("n")).first()[0] or 0)
-        if validated.actions is not None
-        else 0
-    )
+    n_actions = validated.actions.count() if validated.actions is not None else 0
     rows_in = _rows_in(spec, _raw, date)
     if rows_in is not None and rows_in != n_acc + n_actions + n_rej:
         raise BuildError(

@@ -24,7 +24,6 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
-from pipelines.spark import sql_conf
 from pipelines.spec import LogSource, SourceFormat, TableSource, TaskKind
 
 SPARK_TYPE = {
@@ -68,8 +67,7 @@ class ValidatedSource:
 
     accepted: DataFrame
     rejected: DataFrame
-    # events sources: per session, the number `n` of its attributed actions (accepted input
-    # rows too)
+    # events sources: one row (its `date`) per attributed action (accepted input rows too)
     actions: DataFrame | None = None
     # events sources before `sessionize`: every row typed, with its reject reason (null when
     # valid) and, when rejected, its raw row as JSON (`_raw`); clustered by impression id
@@ -295,15 +293,22 @@ def validate(
         staged = staged.withColumns({IMP_KEY: casts[imp], IMP_SPREAD: spread}).repartition(
             IMP_KEY, IMP_SPREAD
         )
-    if source.reject_exact_duplicates:
+    if source.reject_exact_duplicates or events:
         # Exact duplicates: identical in every declared column; the first stays, the rest go.
+        # An event stream that keeps them still keeps one impression per id: the copies of an
+        # impression are duplicate impression ids (a session is its impression's own row).
         keys = ([F.col(IMP_KEY), F.col(IMP_SPREAD)] if events else []) + [F.col(c) for c in cols]
         w = Window.partitionBy(*keys).orderBy(F.col(FILE))
+        dup = F.lit("exact_duplicate")
+        if not source.reject_exact_duplicates:
+            assert source.events is not None
+            is_imp = F.col(source.events.type_column) == source.events.impression_type
+            dup = F.when(is_imp, F.lit("duplicate_impression_id"))
         staged = staged.withColumn(
             "_reason",
-            F.when(
-                F.col("_reason").isNull() & (F.row_number().over(w) > 1), F.lit("exact_duplicate")
-            ).otherwise(F.col("_reason")),
+            F.when(F.col("_reason").isNull() & (F.row_number().over(w) > 1), dup).otherwise(
+                F.col("_reason")
+            ),
         )
     staged = staged.withColumn("_day", F.when(time_ms.isNotNull(), day))
     raw_json = F.to_json(F.struct(*[F.col(c) for c in cols], F.col(CORRUPT)))
@@ -377,9 +382,10 @@ def sessionize(
     actions and impressions dated on these days are accounted here (a nightly run reads the
     neighbour days for attribution only); None = all.
 
-    One shuffle (`validate`'s, by impression id): a window partitioned by impression id finds
-    each id's impression, and the per-impression aggregation reuses that partitioning. Only the
-    rows after this window are persisted: sessions, rejected rows and actions all read them.
+    One shuffle (`validate`'s, by impression id) and no aggregation: two windows over each id's
+    rows (they arrive clustered and sorted by id) find its impression, then the labels its
+    actions give it; the session is the impression's own row. The rows after them are
+    persisted: sessions, rejected rows and attributed actions are three filters of that frame.
     """
     ev = source.events
     assert ev is not None and validated.staged is not None
@@ -387,8 +393,10 @@ def sessionize(
     uid, iid = sc(source.user_id), sc(source.item_id)
     is_imp = typ == ev.impression_type
     valid = F.col("_reason").isNull()
+    per_id = Window.partitionBy(imp_id, IMP_SPREAD)
     cols = validated.accepted.columns
-    # The earliest valid impression event of each id is the impression (ties by example_id).
+    # The earliest valid impression event of each id is the impression (ties by example_id;
+    # identical impression rows were told apart in `validate`).
     first_imp = F.min(
         F.when(
             is_imp & valid,
@@ -396,7 +404,7 @@ def sessionize(
                 "event_time_ms", "example_id", F.col(uid).alias("u"), F.col(iid).alias("i"), "date"
             ),
         )
-    ).over(Window.partitionBy(imp_id, IMP_SPREAD))
+    ).over(per_id)
     staged = validated.staged.withColumn("_imp", first_imp)
     delay = F.col("event_time_ms") - F.col("_imp.event_time_ms")
     too_old = F.datediff(F.to_date(F.col("date")), F.to_date(F.col("_imp.date"))) > 1
@@ -425,62 +433,48 @@ def sessionize(
         F.coalesce(F.col("_raw"), F.when(valid & reason.isNotNull(), typed_json)).alias("_raw"),
         F.col(IMP_SPREAD),
     )
-    good = F.col("_reason").isNull()
-    good_action = good & ~is_imp
-    counted = F.col("date").isin(sorted(count_dates)) if count_dates is not None else F.lit(True)
-    agg = [F.first(F.when(is_imp & good, F.struct(*cols)), ignorenulls=True).alias("_s")]
-    agg += [
-        F.max(F.when(good_action & (typ == v), F.lit(1)).otherwise(F.lit(0))).alias(
-            action_column(name)
-        )
+    # Labels: what the id's attributed actions say, on every row of the id (the same window
+    # partitioning and order, so Spark adds no exchange or sort for it).
+    good_action = F.col("_reason").isNull() & ~is_imp
+    labels = {
+        action_column(name): F.max(F.when(good_action & (typ == v), 1).otherwise(0)).over(per_id)
         for name, v in ev.actions.items()
-    ]
-    agg += [
-        F.coalesce(
-            F.sum(F.when(good_action & (typ == ev.actions[name]), F.col(sc(col)).cast("double"))),
+    }
+    labels |= {
+        value_column(name): F.coalesce(
+            F.sum(
+                F.when(good_action & (typ == ev.actions[name]), F.col(sc(col)).cast("double"))
+            ).over(per_id),
             F.lit(0.0),
-        ).alias(value_column(name))
+        )
         for name, col in ev.action_values.items()
-    ]
-    # The rejected rows and the accepted actions of each id ride along with its session, so
-    # that one aggregation on the window's partitioning yields all three; it is persisted.
-    agg += [
-        F.sum(F.when(good_action & counted, F.lit(1)).otherwise(F.lit(0))).alias("_n_actions"),
-        F.collect_list(
-            F.when(
-                ~good,
-                F.struct(
-                    F.col("date"),
-                    F.col("_reason").alias("reason"),
-                    F.col(FILE).alias("source_file"),
-                    F.col("_raw").alias("raw"),
-                ),
-            )
-        ).alias("_rejected"),
-    ]
-    # Sort-based: the rows arrive sorted by id from the window, while the object-hash aggregate
-    # (Spark's pick for collect_list) falls back to sorting them again after 128 ids. The plan
-    # is fixed when the frame is persisted, so the setting only needs to hold for that call.
-    with sql_conf(staged.sparkSession, "spark.sql.execution.useObjectHashAggregateExec", "false"):
-        per_id = staged.groupBy(imp_id, IMP_SPREAD).agg(*agg).persist(StorageLevel.MEMORY_AND_DISK)
+    }
+    per_row = staged.withColumns(labels).persist(StorageLevel.MEMORY_AND_DISK)
+    good = F.col("_reason").isNull()
     sessions = (
-        per_id.where(F.col("_s").isNotNull())
+        per_row.where(good & is_imp)
         .select(
-            *[F.col(f"_s.{c}").alias(c) for c in cols],
+            *cols,
             *[action_column(n) for n in ev.actions],
             *[value_column(n) for n in ev.action_values],
         )
         # The impression id is the tie-break identity of a session.
         .withColumn("example_id", F.xxhash64(F.col(imp_id)))
     )
-    rejected = per_id.select(F.explode("_rejected").alias("r")).select("r.*")
-    actions = per_id.where(F.col("_n_actions") > 0).select(F.col("_n_actions").alias("n"))
+    rejected = per_row.where(~good).select(
+        F.col("date"),
+        F.col("_reason").alias("reason"),
+        F.col(FILE).alias("source_file"),
+        F.col("_raw").alias("raw"),
+    )
+    actions = per_row.where(good & ~is_imp).select("date")
     if count_dates is not None:
         dates = sorted(count_dates)
         sessions = sessions.where(F.col("date").isin(dates))
         rejected = rejected.where(F.col("date").isin(*dates, "unparsed"))
+        actions = actions.where(F.col("date").isin(dates))
     return ValidatedSource(
-        accepted=sessions, rejected=rejected, actions=actions, cached=(*validated.cached, per_id)
+        accepted=sessions, rejected=rejected, actions=actions, cached=(*validated.cached, per_row)
     )
 
 
