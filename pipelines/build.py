@@ -594,11 +594,21 @@ def _build(
             writer=writer,
             commit_info=info,
         )
-        state = None
+        # The first snapshot aggregates every row up to its date; each later one continues the
+        # one before with the days between, as the nightly run does (one pass over the rows,
+        # not one per snapshot).
+        state, snap, prev = None, None, None
         for d in dates[-cfg.full_state_snapshots :]:
-            upto = rows.where(F.col("date") <= d) if d != last else rows
-            snap = update_state(spec, None, upto).withColumn("state_date", F.lit(d))
-            state = snap if state is None else state.unionByName(snap)
+            if snap is None:
+                snap = update_state(
+                    spec, None, rows.where(F.col("date") <= d) if d != last else rows
+                )
+            else:
+                between = rows.where((F.col("date") > prev) & (F.col("date") <= d))
+                snap = update_state(spec, snap, between)
+            prev = d
+            dated = snap.withColumn("state_date", F.lit(d))
+            state = dated if state is None else state.unionByName(dated)
         _write_chain_start(tables, dates[0])
         delta_io.write_delta(
             state,
