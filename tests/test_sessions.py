@@ -309,19 +309,10 @@ def test_spark_xxhash64_of_longs(spark):
     assert spark_xxhash64_long(np.array(values, dtype=np.int64)).tolist() == want
 
 
-def test_rows_without_impression_id_are_rejected_and_spread(spark, tmp_path):
-    """A day whose impression ids are mostly null: every such row is rejected with its reason,
-    none is lost, and they do not gather in one window group (one huge buffer in one task)."""
+def _validate_one_day(spark, tmp_path: Path, rows: list[tuple], *overrides: str):
+    """The validated sessions of one day of hand-written events (EVENTS_SCHEMA tuples)."""
     from pipelines.build import read_validated
 
-    n_bad, t0 = 3000, int(dt.datetime(2022, 4, 25, 8, tzinfo=dt.UTC).timestamp() * 1000)
-    good = [
-        (1, 100, 7, 11, "impression", t0, None),
-        (2, 100, 7, 11, "click", t0 + 5_000, None),
-        (3, 101, 8, 12, "impression", t0 + 1_000, None),
-    ]
-    bad = [(10 + i, None, 7 + i % 5, 11, "click", t0 + i, None) for i in range(n_bad)]
-    rows = good + bad
     day_dir = tmp_path / "events" / "date=2022-04-25"
     day_dir.mkdir(parents=True)
     table = pa.Table.from_pylist(
@@ -330,10 +321,24 @@ def test_rows_without_impression_id_are_rejected_and_spread(spark, tmp_path):
     pq.write_table(table, day_dir / "part-0.parquet")
     spec = load_spec(
         REPO / "feature_specs" / "synthetic.yaml",
-        overrides=[f"source.path={tmp_path}/events/date={{date}}"],
+        overrides=[f"source.path={tmp_path}/events/date={{date}}", *overrides],
     )
     cfg = PipelineConfig(lake=str(tmp_path / "lake"))
     validated, _ = read_validated(spark, spec, cfg, "2022-04-25", NOW_MS)
+    return validated
+
+
+def test_rows_without_impression_id_are_rejected_and_spread(spark, tmp_path):
+    """A day whose impression ids are mostly null: every such row is rejected with its reason,
+    none is lost, and they do not gather in one window group (one huge buffer in one task)."""
+    n_bad, t0 = 3000, int(dt.datetime(2022, 4, 25, 8, tzinfo=dt.UTC).timestamp() * 1000)
+    good = [
+        (1, 100, 7, 11, "impression", t0, None),
+        (2, 100, 7, 11, "click", t0 + 5_000, None),
+        (3, 101, 8, 12, "impression", t0 + 1_000, None),
+    ]
+    bad = [(10 + i, None, 7 + i % 5, 11, "click", t0 + i, None) for i in range(n_bad)]
+    validated = _validate_one_day(spark, tmp_path, good + bad)
     rejected = validated.rejected.toPandas()
     assert (rejected["reason"] == "null_value:impression_id").sum() == n_bad
     assert len(rejected) == n_bad
@@ -354,27 +359,11 @@ def test_kept_exact_duplicates_still_give_one_session_per_impression(spark, tmp_
     """A source that keeps exact duplicates (reject_exact_duplicates: false): a doubled
     impression row is one session, its copy rejected as a duplicate impression id, and a doubled
     action counts twice; every row is accounted for."""
-    from pipelines.build import read_validated
-
     t0 = int(dt.datetime(2022, 4, 25, 8, tzinfo=dt.UTC).timestamp() * 1000)
     imp = (1, 100, 7, 11, "impression", t0, None)
     stay = (2, 100, 7, 11, "stay", t0 + 5_000, 3.0)
     rows = [imp, imp, stay, stay, (3, 101, 8, 12, "impression", t0 + 1_000, None)]
-    day_dir = tmp_path / "events" / "date=2022-04-25"
-    day_dir.mkdir(parents=True)
-    table = pa.Table.from_pylist(
-        [dict(zip(EVENTS_SCHEMA.names, r, strict=True)) for r in rows], schema=EVENTS_SCHEMA
-    )
-    pq.write_table(table, day_dir / "part-0.parquet")
-    spec = load_spec(
-        REPO / "feature_specs" / "synthetic.yaml",
-        overrides=[
-            f"source.path={tmp_path}/events/date={{date}}",
-            "source.reject_exact_duplicates=false",
-        ],
-    )
-    cfg = PipelineConfig(lake=str(tmp_path / "lake"))
-    validated, _ = read_validated(spark, spec, cfg, "2022-04-25", NOW_MS)
+    validated = _validate_one_day(spark, tmp_path, rows, "source.reject_exact_duplicates=false")
     sessions = validated.accepted.toPandas().sort_values("impression_id")
     assert sessions["impression_id"].tolist() == [100, 101]
     assert sessions["value_stay"].tolist() == [6.0, 0.0]
