@@ -164,7 +164,7 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
         .count()
         .select("tbl", F.coalesce("str", F.col("num").cast("string")).alias("value"), "count")
     )
-    limits = {t: _vocab_limits(spec, t) for t in vocab_tables(spec)}
+    limits = {t: _vocab_limits(spec, t) for t in tables}
     keep = F.lit(False)
     cap = F.lit(0)
     for t, (max_vocab, min_count) in limits.items():

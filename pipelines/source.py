@@ -435,7 +435,8 @@ def sessionize(
     )
     # Labels: what the id's attributed actions say, on every row of the id (the same window
     # partitioning and order, so Spark adds no exchange or sort for it).
-    good_action = F.col("_reason").isNull() & ~is_imp
+    good = F.col("_reason").isNull()
+    good_action = good & ~is_imp
     labels = {
         action_column(name): F.max(F.when(good_action & (typ == v), 1).otherwise(0)).over(per_id)
         for name, v in ev.actions.items()
@@ -450,7 +451,6 @@ def sessionize(
         for name, col in ev.action_values.items()
     }
     per_row = staged.withColumns(labels).persist(StorageLevel.MEMORY_AND_DISK)
-    good = F.col("_reason").isNull()
     sessions = (
         per_row.where(good & is_imp)
         .select(
@@ -467,7 +467,7 @@ def sessionize(
         F.col(FILE).alias("source_file"),
         F.col("_raw").alias("raw"),
     )
-    actions = per_row.where(good & ~is_imp).select("date")
+    actions = per_row.where(good_action).select("date")
     if count_dates is not None:
         dates = sorted(count_dates)
         sessions = sessions.where(F.col("date").isin(dates))
