@@ -24,14 +24,13 @@ Parquet with a per-date path, time zone UTC, no ``date_column``; anything else i
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.artifacts import Artifacts, _vocab_limits, vocab_tables
+from pipelines.artifacts import Artifacts, _vocab_limits, quantile_ranks, vocab_tables
 from pipelines.build import example_columns, kernel_plan
 from pipelines.source import MIN_VALID_TIME_MS, file_date_regex
 from pipelines.spec import DenseTransform, FeatureSpec, SourceFormat, TaskKind
@@ -372,7 +371,7 @@ def build_duckdb(
             continue
         vmin = stats.pop(0)
         assert t.n_bins is not None
-        ranks = [max(1, math.ceil(i / t.n_bins * n_train)) for i in range(1, t.n_bins)]
+        ranks = quantile_ranks(t.n_bins, n_train)
         rows = con.execute(
             f"""SELECT v FROM (SELECT {label} AS v, row_number() OVER (ORDER BY {label}) AS r
                 FROM wide WHERE {in_train}) WHERE r IN ({", ".join(map(str, ranks))}) ORDER BY r"""

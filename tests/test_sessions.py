@@ -371,3 +371,23 @@ def test_kept_exact_duplicates_still_give_one_session_per_impression(spark, tmp_
     assert validated.actions.count() == 2
     for frame in validated.cached:
         frame.unpersist()
+
+
+@pytest.mark.parametrize("max_distinct", [10_000, 3], ids=["exact counts", "sketch"])
+def test_dwell_boundaries_are_the_inverted_cdf(spark, max_distinct):
+    """Bin boundaries are the training values at ranks ceil(i / n_bins * n), per task, whether
+    taken from per-value counts or (too many distinct values) from percentile_approx."""
+    from pipelines.artifacts import dwell_boundaries
+
+    rng = np.random.default_rng(7)
+    # many ties (zeros, repeated values) and a heavy tail, as dwell times have
+    stay = np.where(rng.random(997) < 0.6, 0.0, np.round(rng.lognormal(2, 1.5, 997), 1))
+    watch = rng.integers(0, 40, 997).astype(float) * 250.0
+    df = spark.createDataFrame(
+        pd.DataFrame({"label_stay": stay, "label_watch": watch, "label_click": 1})
+    )
+    got = dwell_boundaries(df, {"stay": 10, "watch": 4}, max_distinct=max_distinct)
+    for name, x, n_bins in (("stay", stay, 10), ("watch", watch, 4)):
+        qs = [i / n_bins for i in range(1, n_bins)]
+        want = [float(np.quantile(x, q, method="inverted_cdf")) for q in qs]
+        assert got[name] == want, name
