@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -577,16 +578,23 @@ def _split_by_partition(
         yield (), batch
         return
     keys = [batch.column(c) for c in partition_by]
-    if all(pc.count_distinct(k, mode="all").as_py() == 1 for k in keys):
+    # one integer code per row for its combination of partition values (nulls included)
+    code = np.zeros(batch.num_rows, dtype=np.int64)
+    for k in keys:
+        enc = pc.dictionary_encode(k, null_encoding="encode")
+        code = code * len(enc.dictionary) + enc.indices.to_numpy(zero_copy_only=False)
+    if (code == code[0]).all():
         yield tuple(k[0].as_py() for k in keys), batch
         return
-    index = "__delta_io_row__"
-    table = pa.table([*keys, pa.array(range(batch.num_rows), pa.int64())], [*partition_by, index])
-    groups = table.group_by(partition_by, use_threads=False).aggregate([(index, "list")])
-    rows = groups.column(f"{index}_list").to_pylist()
-    values = [groups.column(c).to_pylist() for c in partition_by]
-    for i, idx in enumerate(rows):
-        yield tuple(v[i] for v in values), batch.take(pa.array(idx, pa.int64()))
+    # One stable sort and one take, then zero-copy slices: a take per group (and its row
+    # indices as Python lists) cost a fifth of the kernel's Python time at 10M events.
+    order = np.argsort(code, kind="stable")
+    starts = np.flatnonzero(np.diff(code[order], prepend=-1))
+    ends = np.append(starts[1:], batch.num_rows)
+    grouped = batch.take(pa.array(order))
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        first = int(order[start])
+        yield tuple(k[first].as_py() for k in keys), grouped.slice(start, end - start)
 
 
 @dataclass

@@ -15,6 +15,11 @@ DEFAULT_CONF: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.execution.arrow.maxRecordsPerBatch": "20000",
+    # Int.MaxValue turns off the byte limit of the batches sent to Python: below it, Spark sizes
+    # the Arrow buffers after every row it adds (a walk over every column vector), about a
+    # quarter of the JVM CPU of the running-features kernel (JFR, 10M events). The batches stay
+    # bounded by maxRecordsPerBatch.
+    "spark.sql.execution.arrow.maxBytesPerBatch": "2147483647",
     "spark.sql.adaptive.enabled": "true",
     "spark.driver.memory": "4g",
     "spark.sql.sources.partitionColumnTypeInference.enabled": "false",

@@ -282,3 +282,35 @@ def test_partition_values_with_special_characters_and_nulls(spark, tmp_path):
     _assert_same(delta_io.read_delta(spark, path), rows)
     only = delta_io.read_delta(spark, path, partitions={"date": ["a:b c/d"]})
     assert [r.id for r in only.collect()] == [1]
+
+
+def test_split_by_partition_keeps_every_row_once_in_order():
+    """A task's batch is cut into one batch per partition-value combination (nulls included),
+    each holding exactly that combination's rows in their original order."""
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    day = rng.choice(np.array(["2024-01-01", "2024-01-02", "2024-01-03"], dtype=object), n)
+    day[rng.random(n) < 0.05] = None
+    region = rng.choice(np.array(["eu", "us"], dtype=object), n)
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "row": pa.array(np.arange(n)),
+            "date": pa.array(day, pa.string()),
+            "region": pa.array(region, pa.string()),
+            "seq": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int64())),
+        }
+    )
+    groups = list(delta_io._split_by_partition(batch, ["date", "region"]))
+    assert len(groups) == 8 and len({k for k, _ in groups}) == 8
+    seen = []
+    for (d, r), part in groups:
+        want = [i for i in range(n) if day[i] == d and region[i] == r]
+        assert part.column("row").to_pylist() == want
+        assert part.column("seq").to_pylist() == [[i, i + 1] for i in want]
+        seen += want
+    assert sorted(seen) == list(range(n))
+    ((key, whole),) = delta_io._split_by_partition(batch.slice(0, 1), ["date", "region"])
+    assert key == (day[0], region[0]) and whole.num_rows == 1
