@@ -93,6 +93,15 @@ def vocab_tables(spec: FeatureSpec) -> dict[str, list[str]]:
     return tables
 
 
+def integral_tables(tables: dict[str, list[str]], schema: T.StructType) -> dict[str, bool]:
+    """Vocabulary tables whose columns are all integers: counted, stored and looked up as the
+    numbers' canonical decimal strings, so they are joined on longs, not on strings."""
+    return {
+        table: all(isinstance(schema[c].dataType, INTEGRAL) for c in cols)
+        for table, cols in tables.items()
+    }
+
+
 def _vocab_limits(spec: FeatureSpec, table: str) -> tuple[int, int]:
     if table == "user_id":
         return spec.user_ids.max_vocab, spec.user_ids.min_count
@@ -201,10 +210,7 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
     # whose columns are all integers is counted on the numbers (hashing and comparing longs,
     # not strings); values become strings only on the counted pairs.
     tables = vocab_tables(spec)
-    integral = {
-        table: all(isinstance(train_rows.schema[c].dataType, INTEGRAL) for c in cols)
-        for table, cols in tables.items()
-    }
+    integral = integral_tables(tables, train_rows.schema)
     no_num, no_str = F.lit(None).cast("long"), F.lit(None).cast("string")
     pairs = F.explode(
         F.array(
@@ -325,16 +331,21 @@ def apply(spec: FeatureSpec, rows: DataFrame, art: Artifacts) -> DataFrame:
     """Map categoricals to indices (OOV = 0), transform dense features, bin dwell labels."""
     spark = rows.sparkSession
     out = rows
-    for table, cols in vocab_tables(spec).items():
+    tables = vocab_tables(spec)
+    integral = integral_tables(tables, rows.schema)
+    for table, cols in tables.items():
         for c in cols:
             target = {"user_id": "user_idx", "item_id": "item_idx"}.get(c, c)
+            value = F.col("value").cast("long") if integral[table] else F.col("value")
             vocab_df = spark.read.parquet(str(Path(art.vocab_dir) / f"{table}.parquet")).select(
-                F.col("value").alias("_v"), F.col("idx").alias("_idx")
+                value.alias("_v"), F.col("idx").alias("_idx")
             )
             if art.vocab_sizes[table] <= BROADCAST_VOCAB_MAX:
                 vocab_df = F.broadcast(vocab_df)
+            # integer columns meet the numbers (a long hash join, no string per row)
+            key = F.col(c).cast("long") if integral[table] else F.col(c).cast("string")
             out = (
-                out.join(vocab_df, F.col(c).cast("string") == F.col("_v"), "left")
+                out.join(vocab_df, key == F.col("_v"), "left")
                 .withColumn(target, F.coalesce(F.col("_idx"), F.lit(OOV)).cast("long"))
                 .drop("_v", "_idx")
             )
