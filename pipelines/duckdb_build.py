@@ -10,8 +10,8 @@ that both write the same examples (`compare_examples`). It follows the Spark bui
     and item within the attribution window (of its own day or the next), orphan / late / early
     actions rejected; ``example_id`` = Spark's ``xxhash64`` of the impression id;
   * the fit on the training window: vocabularies (count desc, value asc, min_count, max_vocab),
-    dense mean / population std, dwell bin boundaries at the ranks Spark's ``percentile_approx``
-    returns when it is exact (``ceil(q * n)``), the pseudo-label fallback means;
+    dense mean / population std, dwell bin boundaries at the same ranks as the Spark fit
+    (``artifacts.quantile_ranks``: ``ceil(q * n)``), the pseudo-label fallback means;
   * running features with window frames on the event time: ``RANGE BETWEEN ... AND 1 PRECEDING``
     is "strictly earlier"; the calendar-day window is a per-row frame start (midnight of day
     D - W + 1); sequences slice the user's time-ordered list of matching items.
