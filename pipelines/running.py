@@ -16,10 +16,11 @@ from the daily aggregates. Integer sums keep both paths bit-identical.
 
 The kernel runs inside ``mapInArrow`` on partitions hash-partitioned and grouped by user; it
 sorts each group of whole users by (user, time, tie-break) with Arrow and is vectorised numpy,
-so its cost is O(n log n) per partition with no per-row Python. With a :class:`KernelSink` the kernel task also writes the examples' Parquet
-files itself and hands back to Spark only the few columns later jobs read, plus one metadata row
-per file: the wide rows (features, sequences) then never travel back from Python to the JVM,
-nor through a second shuffle and sort for the write.
+so its cost is O(n log n) per partition with no per-row Python. With a :class:`KernelSink` the
+kernel task also writes the examples' Parquet files itself and hands back to Spark only the few
+columns later jobs read, plus one metadata row per file: the wide rows (features, sequences)
+then never travel back from Python to the JVM, nor through a second shuffle and sort for the
+write.
 """
 
 from __future__ import annotations
