@@ -40,11 +40,10 @@ from pipelines.running import (
     s_col,
 )
 from pipelines.source import (
-    FILE,
     FILE_DATE,
     ValidatedSource,
     action_column,
-    file_date_regex,
+    index_files,
     local_files,
     read_raw,
     read_side_table,
@@ -139,8 +138,8 @@ def _order_columns(spec: FeatureSpec) -> list[str]:
 def read_validated(
     spark: SparkSession, spec: FeatureSpec, cfg: PipelineConfig, date: str | None, now_ms: int
 ) -> tuple[ValidatedSource, DataFrame]:
-    """Validated sessions for the run's scope, and the raw-row accounting frame (one row per
-    raw row in scope with a flag accepted/rejected) for the rows-in invariant."""
+    """Validated sessions for the run's scope, and the raw rows that the rows-in invariant
+    counts (those of a nightly run's neighbour days carry their file's date)."""
     src = spec.source
     window_s = src.events.attribution_window_s if src.events else 0
     if src.per_date:
@@ -155,19 +154,22 @@ def read_validated(
                     f"{src.path.replace('{date}', date)}: no such file or directory (source.path for {date})"
                 )
         raws = [read_raw(spark, src, p) for p in paths]
-        raw = raws[0]
+        unread = raws[0]
         for r in raws[1:]:
-            raw = raw.unionByName(r)
-        raw = raw.withColumn(FILE_DATE, F.regexp_extract(F.col(FILE), file_date_regex(src.path), 1))
-        raw = raw.withColumn(FILE_DATE, F.when(F.col(FILE_DATE) != "", F.col(FILE_DATE)))
+            unread = unread.unionByName(r)
+        raw, files = index_files(unread, src.path)
     else:
-        raw = read_raw(spark, src)
+        unread = read_raw(spark, src)
+        raw, files = index_files(unread)
     cache_raw = src.format == SourceFormat.CSV
     if cache_raw:
         # Persisted: the row accounting must count the lines Spark parsed, not re-read them
         # (Parquet and Delta counts come from the files' metadata).
         raw = raw.persist(StorageLevel.MEMORY_AND_DISK)
-    validated = validate(raw, src, _label_columns(spec), now_ms, cfg.future_tolerance_s)
+    # What the row accounting counts: a full run's Parquet or Delta rows straight from the
+    # files' metadata (the file index's join would make Spark read them).
+    counted = unread if date is None and not cache_raw else raw
+    validated = validate(raw, files, src, _label_columns(spec), now_ms, cfg.future_tolerance_s)
     acc, rej, staged = validated.accepted, validated.rejected, validated.staged
     if date is not None:
         # the day itself, yesterday (impressions that today's actions may belong to) and the
@@ -190,8 +192,8 @@ def read_validated(
     cached = (*validated.cached, *([raw] if cache_raw else []))
     validated = ValidatedSource(accepted=acc, rejected=rej, staged=staged, cached=cached)
     if src.events is not None:
-        validated = sessionize(validated, src, {date} if date else None)
-    return validated, raw
+        validated = sessionize(validated, files, src, {date} if date else None)
+    return validated, counted
 
 
 # --------------------------------------------------------------------------- rows

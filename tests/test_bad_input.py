@@ -313,6 +313,43 @@ def test_per_date_row_outside_its_folder(spark, tmp_path):
     assert json.loads(r["raw"])["item_id"] == "960"
 
 
+def test_file_index_names_each_rows_file_and_its_date(spark, tmp_path):
+    """`index_files` gives every row its file's rank among the sorted names, the table that
+    names it again, and the date the per-row regex finds in the name (null where none);
+    URI-encoded names (a space, a percent sign, non-ASCII) included."""
+    from pyspark.sql import functions as F
+
+    from pipelines.source import FILE, FILE_DATE, FILE_IDX, file_date_regex, index_files
+
+    root = tmp_path / "log dir"
+    names = {
+        "date=2022-04-25": "part 0%1.parquet",
+        "date=2022-04-26": "teil-ü.parquet",
+        "date=undated": "part-0.parquet",
+    }
+    for i, (folder, name) in enumerate(names.items()):
+        (root / folder).mkdir(parents=True)
+        pq.write_table(pa.table({"x": list(range(10 * i, 11 * i + 1))}), root / folder / name)
+    template = str(root / "date={date}")
+    raw = spark.read.parquet(str(root / "date=*")).select("x", F.input_file_name().alias(FILE))
+    got, files = index_files(raw, template)
+    assert got.columns == ["x", FILE_IDX, FILE_DATE]
+    names = sorted({r[FILE] for r in raw.collect()})
+    assert [(r[FILE_IDX], r[FILE]) for r in files.orderBy(FILE_IDX).collect()] == list(
+        enumerate(names)
+    )
+    named = got.join(files, FILE_IDX, "left").join(raw.withColumnRenamed(FILE, "_read"), "x")
+    regex = F.regexp_extract(F.col(FILE), file_date_regex(template), 1)
+    rows = named.select(
+        FILE, "_read", FILE_DATE, F.when(regex != "", regex).alias("per_row")
+    ).collect()
+    assert len(rows) == 6
+    assert all(r[FILE] == r["_read"] for r in rows)
+    assert [r[FILE_DATE] for r in rows] == [r["per_row"] for r in rows]
+    assert sorted(r[FILE_DATE] for r in rows if r[FILE_DATE]) == ["2022-04-25"] + 2 * ["2022-04-26"]
+    assert sum(r[FILE_DATE] is None for r in rows) == 3
+
+
 # --------------------------------------------------------------------------- whole-file errors
 def _write_csv(path: Path, header: str, rows: list[dict] | None = None) -> Path:
     rows = good_rows()[:3] if rows is None else rows
