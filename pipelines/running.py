@@ -201,10 +201,10 @@ def make_mapper(
     needed = ["event_time_ms", "item_idx", *plan.internal_columns]
     feature_types = {f.name: to_arrow_type(f.dataType) for f in plan.output_fields()}
     # Spark's NULLS FIRST (pseudo rows have no tie-break values); Arrow's sort is stable
-    sort_keys = [(c, "ascending") for c in [K_USER, "event_time_ms", *(order or [])]]
+    sort_keys = [(c, "ascending", "at_start") for c in [K_USER, "event_time_ms", *(order or [])]]
 
     def run(table: pa.Table, writer: TaskFileWriter | None) -> pa.RecordBatch:
-        table = table.take(pc.sort_indices(table, sort_keys=sort_keys, null_placement="at_start"))
+        table = table.take(pc.sort_indices(table, sort_keys=sort_keys))
         cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in needed}
         for c in cols:
             if cols[c].dtype == object:  # nulls on pseudo rows
