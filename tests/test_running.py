@@ -215,3 +215,42 @@ def test_pseudo_rows_continue_history_exactly(df: pd.DataFrame, cut_day: int, wi
     want = full.loc[t.index]
     for c in got.columns:
         assert got[c].tolist() == want[c].tolist(), c
+
+
+def test_user_state_is_counts_sums_and_last_taken_items(spark) -> None:
+    """`update_state` from scratch: per user the row count, the task sums and, per sequence,
+    the items of the last max_len rows it takes in (time, example_id) order, oldest first;
+    a user no sequence takes has empty sequences (the state's own and a pandas reference)."""
+    from pipelines.build import update_state
+    from pipelines.spec import load_spec
+
+    spec = load_spec("feature_specs/synthetic.yaml")
+    rng = np.random.default_rng(3)
+    n = 400
+    df = pd.DataFrame(
+        {
+            K_USER: rng.integers(0, 12, n),
+            "event_time_ms": rng.integers(0, 40, n),  # ties: the example id orders them
+            "example_id": rng.permutation(n),
+            "item_idx": rng.integers(1, 1000, n),
+            s_col("click"): rng.integers(0, 2, n),
+            s_col("dwell"): rng.integers(0, 10, n),
+            s_col("purchase"): (rng.random(n) < 0.05).astype(int),
+        }
+    )
+    df = df[~((df[K_USER] == 11) & (df[s_col("click")] == 1))]  # user 11: no clicks
+    df = df[~((df[K_USER] == 11) & (df[s_col("purchase")] == 1))]
+    df["user_id"] = df[K_USER] + 100
+    df[q_col("clicked")] = df[s_col("click")] == 1
+    df[q_col("purchased")] = df[s_col("purchase")] == 1
+    got = update_state(spec, None, spark.createDataFrame(df)).toPandas()
+    assert sorted(got["user_key"]) == sorted(df[K_USER].unique())
+    for user, rows in df.sort_values(["event_time_ms", "example_id"]).groupby(K_USER):
+        row = got[got["user_key"] == user].iloc[0]
+        assert row["user_id"] == user + 100 and row["cnt_all"] == len(rows)
+        for t in ("click", "dwell", "purchase"):
+            assert row[f"sum_{t}"] == rows[s_col(t)].sum()
+        for name, max_len in (("clicked", 20), ("purchased", 10)):
+            want = rows.loc[rows[q_col(name)], "item_idx"].tolist()[-max_len:]
+            assert list(row[f"seq_{name}"]) == want
+    assert list(got.loc[got["user_key"] == 11, "seq_clicked"].iloc[0]) == []
