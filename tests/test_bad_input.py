@@ -421,3 +421,33 @@ def test_undeclared_task_column_is_a_spec_error(tmp_path):
         parse_spec(d, "inline.yaml")
     with pytest.raises(SpecError, match="inline.yaml"):
         parse_spec(d, "inline.yaml")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('1,a,3\n2,"b\n', r"users\.csv: malformed line '2,\"b"),
+        ("1,a,3\n2,b,three\n", r"users\.csv: column 'tier' has value 'three' that is not a long"),
+        ("1,a,3\n1,b,4\n", r"users\.csv: key column 'user_id' value 1 appears 2 times"),
+    ],
+    ids=["malformed", "bad_cast", "duplicate_key"],
+)
+def test_side_table_error_names_file_column_and_value(spark, tmp_path, body, message):
+    from pipelines.source import read_side_table
+    from pipelines.spec import SideTable
+
+    path = tmp_path / "users.csv"
+    path.write_text("user_id,segment,tier\n" + body)
+    table = SideTable(
+        path=str(path),
+        format="csv",
+        key="user_id",
+        columns={"user_id": "long", "segment": "string", "tier": "long"},
+    )
+    with pytest.raises(SourceError, match=message):
+        read_side_table(spark, table)
+    good = tmp_path / "good.csv"
+    good.write_text("user_id,segment,tier\n1,a,3\n2,b,\n")
+    got = read_side_table(spark, table.model_copy(update={"path": str(good)}))
+    got = got.orderBy("user_id").collect()
+    assert [tuple(r) for r in got] == [(1, "a", 3), (2, "b", None)]
