@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -274,25 +274,8 @@ def user_key(user_id: F.Column) -> F.Column:
 
 
 def kernel_keep(spec: FeatureSpec) -> list[str]:
-    """Internal kernel columns the daily aggregates and the user state read after the kernel."""
+    """Internal kernel columns `user_days` reads after a kernel without a sink."""
     return [K_USER, *[s_col(t.name) for t in spec.tasks], *[q_col(s.name) for s in spec.sequences]]
-
-
-def after_kernel_columns(spec: FeatureSpec) -> list[str]:
-    """The columns the daily aggregates, the user state and the summary read after the kernel
-    (with a kernel sink, the only ones it hands back to Spark)."""
-    labels = [f"label_{t.name}" for t in spec.tasks]
-    return [
-        "date",
-        "user_id",
-        "item_id",
-        "item_idx",
-        "event_time_ms",
-        *_order_columns(spec),
-        "split",
-        *labels,
-        *kernel_keep(spec),
-    ]
 
 
 def with_kernel_columns(spec: FeatureSpec, rows: DataFrame, art: arts.Artifacts) -> DataFrame:
@@ -323,42 +306,45 @@ def _last(arr: F.Column, n: int) -> F.Column:
     return F.slice(arr, F.greatest(F.size(arr) - F.lit(n - 1), F.lit(1)), F.lit(n))
 
 
-def _new_state(spec: FeatureSpec, rows: DataFrame) -> DataFrame:
-    """Per user of ``rows``: n_user_id, n_cnt, n_sum_<task> and n_seq_<name> (the last items
-    of the rows the sequence takes, oldest first).
-
-    Counts and sums are a plain hash aggregate over every row; the sequences an object
-    aggregate (collect_list) over only the rows some sequence takes, joined back per user. One
-    object aggregate over every row cost about a third more at 10M events."""
-    aggs = [F.first("user_id").alias("n_user_id"), F.count(F.lit(1)).alias("n_cnt")]
-    aggs += [F.sum(s_col(t.name)).alias(f"n_sum_{t.name}") for t in spec.tasks]
-    counts = rows.groupBy(F.col(K_USER).alias("user_key")).agg(*aggs)
-    if not spec.sequences:
-        return counts
+def user_days(spec: FeatureSpec, rows: DataFrame) -> DataFrame:
+    """Per user and day of kernel-column rows, what a kernel with a sink hands back
+    (`running.compute_daily`): user_key, date, user_id, cnt, sum_<task> and dseq_<name> (the
+    items of the day's last rows the sequence takes, oldest first). For a kernel without a
+    sink, whose output is the examples themselves."""
     order = [F.col("event_time_ms"), *[F.col(c) for c in _order_columns(spec)]]
-    taken = F.lit(False)
-    seqs = []
+    aggs = [F.first("user_id").alias("user_id"), F.count(F.lit(1)).alias("cnt")]
+    aggs += [F.sum(s_col(t.name)).cast("long").alias(f"sum_{t.name}") for t in spec.tasks]
     for s in spec.sequences:
-        taken = taken | F.col(q_col(s.name))
         items = F.collect_list(
             F.when(F.col(q_col(s.name)), F.struct(*order, F.col("item_idx").alias("_item")))
         )
-        seqs.append(
+        aggs.append(
             _last(F.transform(F.array_sort(items), lambda x: x["_item"]), s.max_len).alias(
+                f"dseq_{s.name}"
+            )
+        )
+    return rows.groupBy(F.col(K_USER).alias("user_key"), F.col("date")).agg(*aggs)
+
+
+def _new_state(spec: FeatureSpec, days: DataFrame) -> DataFrame:
+    """Per user of ``days`` (`user_days` rows): n_user_id, n_cnt, n_sum_<task> and
+    n_seq_<name> (the last items of the rows the sequence takes, oldest first): the days
+    combined in date order, a few rows per user instead of every example."""
+    aggs = [F.first("user_id").alias("n_user_id"), F.sum("cnt").alias("n_cnt")]
+    aggs += [F.sum(f"sum_{t.name}").alias(f"n_sum_{t.name}") for t in spec.tasks]
+    for s in spec.sequences:
+        by_date = F.array_sort(F.collect_list(F.struct("date", F.col(f"dseq_{s.name}").alias("q"))))
+        aggs.append(
+            _last(F.flatten(F.transform(by_date, lambda x: x["q"])), s.max_len).alias(
                 f"n_seq_{s.name}"
             )
         )
-    by_user = rows.where(taken).groupBy(F.col(K_USER).alias("user_key")).agg(*seqs)
-    empty = F.array().cast(T.ArrayType(T.LongType()))
-    return counts.join(by_user, "user_key", "left").select(
-        *counts.columns,
-        *[F.coalesce(f"n_seq_{s.name}", empty).alias(f"n_seq_{s.name}") for s in spec.sequences],
-    )
+    return days.groupBy("user_key").agg(*aggs)
 
 
-def update_state(spec: FeatureSpec, old: DataFrame | None, rows: DataFrame) -> DataFrame:
-    """User state after ``rows`` (kernel-column rows of one or more days) on top of ``old``."""
-    today = _new_state(spec, rows)
+def update_state(spec: FeatureSpec, old: DataFrame | None, days: DataFrame) -> DataFrame:
+    """User state after ``days`` (`user_days` rows of one or more days) on top of ``old``."""
+    today = _new_state(spec, days)
     if old is None:
         sel = [
             F.col("user_key"),
@@ -388,10 +374,9 @@ def update_state(spec: FeatureSpec, old: DataFrame | None, rows: DataFrame) -> D
     return j.select(*sel)
 
 
-def daily_aggregates(spec: FeatureSpec, rows: DataFrame) -> DataFrame:
-    aggs = [F.first("user_id").alias("user_id"), F.count(F.lit(1)).alias("cnt")]
-    aggs += [F.sum(s_col(t.name)).cast("long").alias(f"sum_{t.name}") for t in spec.tasks]
-    return rows.groupBy(F.col(K_USER).alias("user_key"), F.col("date")).agg(*aggs)
+def daily_aggregates(spec: FeatureSpec, days: DataFrame) -> DataFrame:
+    """The user_daily table's rows: `user_days` without the sequences."""
+    return days.select("user_key", "date", "user_id", "cnt", *[f"sum_{t.name}" for t in spec.tasks])
 
 
 def pseudo_rows(
@@ -520,10 +505,13 @@ def _build(
     # Both read a persisted frame (validation's, or the sessions'); the few rejected rows are
     # persisted on their own as three jobs read them.
     rejected = validated.rejected.persist(StorageLevel.MEMORY_AND_DISK)
-    # Joined with the side tables once: the fit and the transform both read it. Counting it
-    # fills it and counts the sessions (a side table's keys are unique: one row per session).
+    # Joined with the side tables once: the fit and the transform both read it. The job that
+    # fills it counts the sessions (a side table's keys are unique: one row per session) and
+    # gathers the summary's example statistics: these rows are the run's examples, which the
+    # kernel does not hand back.
     wide = wide_rows(spark, spec, validated.accepted).persist(StorageLevel.MEMORY_AND_DISK)
-    n_acc, n_rej = wide.count(), rejected.count()
+    stats = _example_stats(spec, wide)
+    n_acc, n_rej = stats["_rows"], rejected.count()
     log.info("validated: %d sessions accepted, %d rows rejected", n_acc, n_rej)
     if date is None:
         art = fit_artifacts(spark, spec, cfg, tables, now_ms, wide)
@@ -555,8 +543,9 @@ def _build(
             )
 
     # With delta-rs the kernel task writes the examples' files itself (see running.KernelSink)
-    # and hands back only what the other tables and the summary read; delta-spark writes them
-    # from the kernel's full output.
+    # and hands back only its rows per user and day, which the daily aggregates and the user
+    # state are made of; delta-spark writes the examples from the kernel's full output, and
+    # the user-day rows are aggregated from it.
     examples_cols = example_columns(spec, plan)
     sink = None
     if writer == "delta-rs":
@@ -564,21 +553,34 @@ def _build(
         target = delta_io.write_target(
             tables.examples, T.StructType([full[c] for c in examples_cols]), ["date"]
         )
-        sink = KernelSink(target, after_kernel_columns(spec))
+        sink = KernelSink(target)
     out = run_kernel(
-        rows, pseudo, plan, _order_columns(spec), cfg.spark.user_partitions, kernel_keep(spec), sink
+        rows,
+        pseudo,
+        plan,
+        _order_columns(spec),
+        cfg.spark.user_partitions,
+        kernel_keep(spec) if sink is None else None,
+        sink,
     ).persist(StorageLevel.MEMORY_AND_DISK)
     n_out = out.count()
     wide.unpersist()
     files: list[dict] = []
-    rows = out
     if sink is not None:
         files = [
             json.loads(r[0]) for r in out.where(F.col(K_FILE).isNotNull()).select(K_FILE).collect()
         ]
-        rows = out.where(F.col(K_FILE).isNull()).drop(K_FILE)
-        log.info("the kernel wrote %d examples files", len(files))
-    log.info("running features of %d rows at %.1fs", n_out - len(files), time.time() - t0)
+        days = out.where(F.col(K_FILE).isNull()).drop(K_FILE)
+        log.info(
+            "running features of %d rows at %.1fs: %d examples files, %d user-day rows",
+            n_acc,
+            time.time() - t0,
+            len(files),
+            n_out - len(files),
+        )
+    else:
+        days = user_days(spec, out).persist(StorageLevel.MEMORY_AND_DISK)
+        log.info("running features of %d rows at %.1fs", n_out, time.time() - t0)
     info = {"run": mode}
 
     def write_examples(replace: dict[str, list[str]] | None) -> None:
@@ -588,7 +590,7 @@ def _build(
             )
             return
         delta_io.write_delta(
-            rows.select(*examples_cols),
+            out.select(*examples_cols),
             tables.examples,
             partition_by=["date"],
             mode="overwrite",
@@ -600,8 +602,7 @@ def _build(
 
     # Writes: examples, rejected, daily aggregates, user state.
     if date is None:
-        dates = sorted(r["date"] for r in rows.select("date").distinct().collect())
-        last = dates[-1]
+        dates = sorted(r["date"] for r in days.select("date").distinct().collect())
         write_examples(None)
         delta_io.write_delta(
             rejected,
@@ -612,26 +613,17 @@ def _build(
             commit_info=info,
         )
         delta_io.write_delta(
-            daily_aggregates(spec, rows),
+            daily_aggregates(spec, days),
             tables.user_daily,
             partition_by=["date"],
             mode="overwrite",
             writer=writer,
             commit_info=info,
         )
-        # The first snapshot aggregates every row up to its date; each later one continues the
-        # one before with the days between, as the nightly run does (one pass over the rows,
-        # not one per snapshot).
-        state, snap, prev = None, None, None
+        # Each snapshot combines the user-day rows up to its date (a few rows per user).
+        state = None
         for d in dates[-cfg.full_state_snapshots :]:
-            if snap is None:
-                snap = update_state(
-                    spec, None, rows.where(F.col("date") <= d) if d != last else rows
-                )
-            else:
-                between = rows.where((F.col("date") > prev) & (F.col("date") <= d))
-                snap = update_state(spec, snap, between)
-            prev = d
+            snap = update_state(spec, None, days.where(F.col("date") <= d))
             dated = snap.withColumn("state_date", F.lit(d))
             state = dated if state is None else state.unionByName(dated)
         _write_chain_start(tables, dates[0])
@@ -658,7 +650,7 @@ def _build(
             commit_info=info,
         )
         delta_io.write_delta(
-            daily_aggregates(spec, rows),
+            daily_aggregates(spec, days),
             tables.user_daily,
             partition_by=["date"],
             mode="overwrite",
@@ -666,7 +658,7 @@ def _build(
             writer=writer,
             commit_info=info,
         )
-        state = update_state(spec, old_state, rows).withColumn("state_date", F.lit(date))
+        state = update_state(spec, old_state, days).withColumn("state_date", F.lit(date))
         delta_io.write_delta(
             state,
             tables.user_state,
@@ -698,10 +690,11 @@ def _build(
         n_actions,
         n_rej,
         rows_in,
-        rows,
+        stats,
+        days,
         time.time() - t0,
     )
-    for frame in (*validated.cached, rejected, out):
+    for frame in (*validated.cached, rejected, out, days):
         frame.unpersist()
     return summary
 
@@ -797,6 +790,18 @@ def _rows_in(spec: FeatureSpec, raw: DataFrame, date: str | None) -> int | None:
     return None
 
 
+def _example_stats(spec: FeatureSpec, wide: DataFrame) -> Row:
+    """One job over the run's examples (before the kernel): their count, distinct items, label
+    rates and split sizes."""
+    split = _split_col(spec)
+    return wide.agg(
+        F.count(F.lit(1)).alias("_rows"),
+        F.countDistinct("item_id").alias("items"),
+        *[F.avg(F.col(f"label_{t.name}").cast("double")).alias(t.name) for t in spec.tasks],
+        *[F.count_if(split == s).alias(f"_split_{s}") for s in SPLITS],
+    ).first()
+
+
 def _summary(
     spec: FeatureSpec,
     tables: Tables,
@@ -808,18 +813,12 @@ def _summary(
     n_actions: int,
     n_rej: int,
     rows_in: int | None,
-    rows: DataFrame,
+    stats: Row,
+    days: DataFrame,
     seconds: float,
 ) -> dict:
     reasons = {r["reason"]: r["count"] for r in rejected.groupBy("reason").count().collect()}
-    # one job: counts, distinct users and items, label rates and split sizes together
-    stats = rows.agg(
-        F.count(F.lit(1)).alias("_rows"),
-        F.countDistinct("user_id").alias("users"),
-        F.countDistinct("item_id").alias("items"),
-        *[F.avg(F.col(f"label_{t.name}").cast("double")).alias(t.name) for t in spec.tasks],
-        *[F.count_if(F.col("split") == s).alias(f"_split_{s}") for s in SPLITS],
-    ).first()
+    users = days.agg(F.countDistinct("user_id")).first()[0]
     n_rows = stats["_rows"]
     splits = {s: stats[f"_split_{s}"] for s in SPLITS if stats[f"_split_{s}"]}
     summary = {
@@ -836,7 +835,7 @@ def _summary(
         "rejected_by_reason": dict(sorted(reasons.items())),
         "examples": n_rows,
         "examples_by_split": splits,
-        "users": stats["users"],
+        "users": users,
         "items": stats["items"],
         "label_rates": {t.name: stats[t.name] for t in spec.tasks},
         "bin_boundaries": art.bins,

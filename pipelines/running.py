@@ -17,10 +17,10 @@ from the daily aggregates. Integer sums keep both paths bit-identical.
 The kernel runs inside ``mapInArrow`` on partitions hash-partitioned and grouped by user; it
 sorts each group of whole users by (user, time, tie-break) with Arrow and is vectorised numpy,
 so its cost is O(n log n) per partition with no per-row Python. With a :class:`KernelSink` the
-kernel task also writes the examples' Parquet files itself and hands back to Spark only the few
-columns later jobs read, plus one metadata row per file: the wide rows (features, sequences)
-then never travel back from Python to the JVM, nor through a second shuffle and sort for the
-write.
+kernel task also writes the examples' Parquet files itself and hands back to Spark only one row
+per user and day (counts, task sums, the day's last sequence items: what the daily aggregates
+and the user state are made of), plus one metadata row per file: the examples then never
+travel back from Python to the JVM, nor through a shuffle for the write or the state.
 """
 
 from __future__ import annotations
@@ -157,30 +157,76 @@ def compute(cols: dict[str, np.ndarray], plan: KernelPlan) -> dict[str, np.ndarr
 
     item = cols["item_idx"].astype(np.int64) if plan.sequences else None
     for name, max_len in plan.sequences.items():
-        q = np.flatnonzero(cols[q_col(name)].astype(bool))
-        lo = np.searchsorted(q, ustart[out_idx], side="left")
-        hi = np.searchsorted(q, tstart[out_idx], side="left")
-        start = np.maximum(lo, hi - max_len)
-        lengths = hi - start
-        offsets = np.zeros(out_idx.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        total = int(offsets[-1])
-        pos = np.repeat(start - offsets[:-1], lengths) + np.arange(total)
-        values = item[q[pos]] if total else np.empty(0, dtype=np.int64)
-        out[f"seq_{name}"] = pa.LargeListArray.from_arrays(
-            pa.array(offsets, pa.int64()), pa.array(values, pa.int64())
-        ).cast(pa.list_(pa.field("element", pa.int64(), nullable=False)))
+        taken = np.flatnonzero(cols[q_col(name)].astype(bool))
+        out[f"seq_{name}"] = _last_items(taken, item, ustart[out_idx], tstart[out_idx], max_len)
     return out
+
+
+def _last_items(
+    taken: np.ndarray, item: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_len: int
+) -> pa.Array:
+    """Per range [lo_i, hi_i) of row positions, the items of its last ``max_len`` rows in
+    ``taken`` (sorted row positions), oldest first: a list<int64> array of len(lo)."""
+    first = np.searchsorted(taken, lo, side="left")
+    end = np.searchsorted(taken, hi, side="left")
+    start = np.maximum(first, end - max_len)
+    lengths = end - start
+    offsets = np.zeros(lo.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    pos = np.repeat(start - offsets[:-1], lengths) + np.arange(total)
+    values = item[taken[pos]] if total else np.empty(0, dtype=np.int64)
+    return pa.LargeListArray.from_arrays(
+        pa.array(offsets, pa.int64()), pa.array(values, pa.int64())
+    ).cast(pa.list_(pa.field("element", pa.int64(), nullable=False)))
+
+
+def daily_fields(plan: KernelPlan) -> list[T.StructField]:
+    """The kernel's per user-day columns after ``user_key``, ``date`` and ``user_id``."""
+    fields = [T.StructField("cnt", T.LongType(), False)]
+    fields += [T.StructField(f"sum_{t}", T.LongType(), False) for t in plan.tasks]
+    fields += [
+        T.StructField(f"dseq_{s}", T.ArrayType(T.LongType(), False), False) for s in plan.sequences
+    ]
+    return fields
+
+
+def compute_daily(
+    cols: dict[str, np.ndarray], plan: KernelPlan
+) -> tuple[np.ndarray, dict[str, np.ndarray | pa.Array]]:
+    """Per (user, day) of the real rows, for rows sorted by (user, time, ...): the row count
+    ``cnt``, the task sums ``sum_<task>`` and, per sequence, ``dseq_<name>``: the items of the
+    day's last max_len rows it takes, oldest first (the user state is these days combined).
+
+    Returns the position of each user-day's first row (to take its ids from) and the columns.
+    A user's days are contiguous as the kernel's window already requires (day grows with
+    time)."""
+    real = np.flatnonzero(cols[K_REAL].astype(bool))
+    user, day = cols[K_USER][real], cols[K_DAY][real]
+    m = real.size
+    new_day = np.ones(m, dtype=bool)
+    new_day[1:] = (user[1:] != user[:-1]) | (day[1:] != day[:-1])
+    starts = np.flatnonzero(new_day)
+    ends = np.append(starts[1:], m).astype(np.int64)
+    out: dict[str, np.ndarray | pa.Array] = {"cnt": (ends - starts).astype(np.int64)}
+    for t in plan.tasks:
+        s = cols[s_col(t)][real].astype(np.int64)
+        out[f"sum_{t}"] = np.add.reduceat(s, starts) if m else np.empty(0, np.int64)
+    if plan.sequences:
+        item = cols["item_idx"][real].astype(np.int64)
+        for name, max_len in plan.sequences.items():
+            taken = np.flatnonzero(cols[q_col(name)][real].astype(bool))
+            out[f"dseq_{name}"] = _last_items(taken, item, starts, ends, max_len)
+    return real[starts], out
 
 
 @dataclass(frozen=True)
 class KernelSink:
     """Where the kernel task writes its real rows: the columns of ``target.schema`` (passthrough
-    and running-feature columns) go to ``target``'s files; the kernel's output is then only the
-    passthrough columns ``keep`` and :data:`K_FILE`."""
+    and running-feature columns) go to ``target``'s files; the kernel's output is then only its
+    per user-day rows (:func:`compute_daily`) and :data:`K_FILE`."""
 
     target: WriteTarget
-    keep: list[str]
 
 
 def _batch(columns: dict[str, pa.Array], schema: pa.Schema) -> pa.RecordBatch:
@@ -215,10 +261,20 @@ def make_mapper(
         arrays = {c: kept.column(c).combine_chunks() for c in passthrough}
         for name, v in res.items():
             arrays[name] = v if isinstance(v, pa.Array) else pa.array(v, feature_types[name])
-        if writer is not None:
-            writer.write(_batch(arrays, sink.target.schema))
-            arrays[K_FILE] = pa.nulls(kept.num_rows, pa.string())
-        return _batch(arrays, out_schema)
+        if writer is None:
+            return _batch(arrays, out_schema)
+        writer.write(_batch(arrays, sink.target.schema))
+        first, per_day = compute_daily(cols, plan)
+        index = pa.array(first, pa.int64())
+        days: dict[str, pa.Array] = {
+            "user_key": pa.array(cols[K_USER][first], pa.int64()),
+            "date": table.column("date").take(index).combine_chunks(),
+            "user_id": table.column("user_id").take(index).combine_chunks(),
+        }
+        for name, v in per_day.items():
+            days[name] = v if isinstance(v, pa.Array) else pa.array(v, pa.int64())
+        days[K_FILE] = pa.nulls(first.size, pa.string())
+        return _batch(days, out_schema)
 
     def mapper(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         if sink is None:
@@ -276,8 +332,9 @@ def run_kernel(
 
     Without a sink, the output holds the real rows' columns but the internal ones, except those
     in ``keep``, and the running features. With one, those columns are written to the sink's
-    files, and the output holds ``sink.keep`` and :data:`K_FILE`: the real rows with a null
-    ``K_FILE``, then one row per written file with its metadata and null data columns."""
+    files, and the output holds one row per user and day of the real rows (``user_key``,
+    ``date``, ``user_id`` and :func:`daily_fields`) with a null :data:`K_FILE`, then one row per
+    written file with its metadata and null data columns: the examples never come back."""
     passthrough = [c for c in rows.columns if c not in plan.internal_columns or c in (keep or [])]
     inp = rows.withColumn(K_REAL, F.lit(True))
     if pseudo is not None:
@@ -292,14 +349,19 @@ def run_kernel(
         )
     else:
         written = [*passthrough, *(f.name for f in plan.output_fields())]
-        missing = [n for n in sink.target.schema.names if n not in written]
-        if missing or any(c not in passthrough for c in sink.keep):
+        missing = [n for n in [*sink.target.schema.names, "user_id", "date"] if n not in written]
+        if missing:
             raise ValueError(
-                f"kernel sink: columns {missing} of the target {sink.target.root} and kept "
-                f"columns {[c for c in sink.keep if c not in passthrough]} are not in the kernel"
+                f"kernel sink: columns {missing} of the target {sink.target.root} or of the "
+                "user-day rows are not in the kernel's rows"
             )
+        ids = [
+            T.StructField("user_key", T.LongType()),
+            T.StructField("date", rows.schema["date"].dataType),
+            T.StructField("user_id", rows.schema["user_id"].dataType),
+        ]
         out_struct = T.StructType(
-            [T.StructField(c, rows.schema[c].dataType, True) for c in sink.keep]
+            [*ids, *(T.StructField(f.name, f.dataType, True) for f in daily_fields(plan))]
             + [T.StructField(K_FILE, T.StringType(), True)]
         )
     from pyspark.sql.pandas.types import to_arrow_schema

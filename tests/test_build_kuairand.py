@@ -8,6 +8,7 @@ pseudo-label window shortened to 3 days so that window eviction happens inside t
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -122,6 +123,23 @@ def test_nightly_day_by_day_equals_full_rebuild(full_lake: Tables, nightly_lake:
     nightly = _table(nightly_lake.user_state, ["state_date", "user_key"])
     nightly = nightly[nightly["state_date"].isin(DAYS[-2:])].reset_index(drop=True)
     _assert_frames_equal(full_state, nightly)
+
+
+def test_summary_describes_the_examples_written(spec, full_lake: Tables, nightly_lake: Tables):
+    """The run summary's examples, users, items, label rates and split sizes are those of the
+    examples table (of the run's date, for a nightly run)."""
+    for tables, name in ((full_lake, "full"), (nightly_lake, DAYS[-1]), (nightly_lake, DAYS[2])):
+        summary = json.loads((tables.summaries / f"{name}.json").read_text())
+        ex = DeltaTable(tables.examples).to_pandas()
+        if name != "full":
+            ex = ex[ex["date"] == name]
+        assert summary["examples"] == len(ex) > 0
+        assert summary["users"] == ex["user_id"].nunique()
+        assert summary["items"] == ex["item_id"].nunique()
+        assert summary["examples_by_split"] == ex["split"].value_counts().to_dict()
+        for t in spec.tasks:
+            want = ex[f"label_{t.name}"].astype(float).mean()
+            assert summary["label_rates"][t.name] == pytest.approx(want, rel=1e-12), t.name
 
 
 def test_rows_are_the_raw_log_without_exact_duplicates(raw_slice, full_lake: Tables) -> None:

@@ -217,20 +217,19 @@ def test_pseudo_rows_continue_history_exactly(df: pd.DataFrame, cut_day: int, wi
         assert got[c].tolist() == want[c].tolist(), c
 
 
-def test_user_state_is_counts_sums_and_last_taken_items(spark) -> None:
-    """`update_state` from scratch: per user the row count, the task sums and, per sequence,
-    the items of the last max_len rows it takes in (time, example_id) order, oldest first;
-    a user no sequence takes has empty sequences (the state's own and a pandas reference)."""
-    from pipelines.build import update_state
-    from pipelines.spec import load_spec
-
-    spec = load_spec("feature_specs/synthetic.yaml")
-    rng = np.random.default_rng(3)
-    n = 400
+def _example_rows(seed: int = 3, n: int = 3000) -> pd.DataFrame:
+    """Kernel-column rows of 12 users over 4 days (synthetic spec): about 30 clicks per user
+    and day, more than a sequence keeps; user 11 never clicks nor buys, so no sequence takes
+    any of its rows."""
+    rng = np.random.default_rng(seed)
+    day = rng.integers(0, 4, n)
     df = pd.DataFrame(
         {
             K_USER: rng.integers(0, 12, n),
-            "event_time_ms": rng.integers(0, 40, n),  # ties: the example id orders them
+            K_DAY: day + 19_000,
+            "date": [f"2022-01-0{d + 1}" for d in day],
+            # few distinct times: the example id orders the ties
+            "event_time_ms": day * 86_400_000 + rng.integers(0, 10, n),
             "example_id": rng.permutation(n),
             "item_idx": rng.integers(1, 1000, n),
             s_col("click"): rng.integers(0, 2, n),
@@ -238,19 +237,75 @@ def test_user_state_is_counts_sums_and_last_taken_items(spark) -> None:
             s_col("purchase"): (rng.random(n) < 0.05).astype(int),
         }
     )
-    df = df[~((df[K_USER] == 11) & (df[s_col("click")] == 1))]  # user 11: no clicks
+    df = df[~((df[K_USER] == 11) & (df[s_col("click")] == 1))]
     df = df[~((df[K_USER] == 11) & (df[s_col("purchase")] == 1))]
     df["user_id"] = df[K_USER] + 100
     df[q_col("clicked")] = df[s_col("click")] == 1
     df[q_col("purchased")] = df[s_col("purchase")] == 1
-    got = update_state(spec, None, spark.createDataFrame(df)).toPandas()
+    return df.reset_index(drop=True)
+
+
+SYNTH_SEQS = {"clicked": 20, "purchased": 10}
+
+
+def test_kernel_user_days_equal_spark_user_days(spark) -> None:
+    """The user-day rows a kernel with a sink hands back (numpy) are those `user_days`
+    aggregates in Spark from the examples of a kernel without one."""
+    from pipelines.build import user_days
+    from pipelines.running import compute_daily
+    from pipelines.spec import load_spec
+
+    spec = load_spec("feature_specs/synthetic.yaml")
+    df = _example_rows()
+    want = user_days(spec, spark.createDataFrame(df)).toPandas()
+    s = df.sort_values([K_USER, "event_time_ms", "example_id"]).reset_index(drop=True)
+    cols = {c: s[c].to_numpy() for c in s.columns}
+    cols[K_REAL] = np.ones(len(s), dtype=bool)
+    plan = KernelPlan(
+        tasks=["click", "dwell", "purchase"],
+        divisors={"click": 1, "dwell": 9, "purchase": 1},
+        fallback={"click": 0.0, "dwell": 0.0, "purchase": 0.0},
+        window_days=30,
+        all_history=False,
+        sequences=SYNTH_SEQS,
+    )
+    first, got = compute_daily(cols, plan)
+    got_df = pd.DataFrame(
+        {
+            "user_key": s[K_USER].to_numpy()[first],
+            "date": s["date"].to_numpy()[first],
+            "user_id": s["user_id"].to_numpy()[first],
+            **{k: (v.to_pylist() if hasattr(v, "to_pylist") else v) for k, v in got.items()},
+        }
+    )
+    want = want.sort_values(["user_key", "date"]).reset_index(drop=True)
+    assert len(got_df) == len(want) == df.groupby([K_USER, "date"]).ngroups
+    for c in ["user_key", "date", "user_id", "cnt", "sum_click", "sum_dwell", "sum_purchase"]:
+        assert got_df[c].tolist() == want[c].tolist(), c
+    for c in ["dseq_clicked", "dseq_purchased"]:
+        assert [list(v) for v in got_df[c]] == [list(v) for v in want[c]], c
+    # a day with more clicks than the sequence keeps is cut to its last ones
+    assert max(len(v) for v in got_df["dseq_clicked"]) == SYNTH_SEQS["clicked"]
+
+
+def test_user_state_is_counts_sums_and_last_taken_items(spark) -> None:
+    """`update_state` from scratch over `user_days` rows: per user the row count, the task sums
+    and, per sequence, the items of the last max_len rows it takes in (time, example_id)
+    order, across days, oldest first; a user no sequence takes has empty sequences (the
+    state's own and a pandas reference over the examples)."""
+    from pipelines.build import update_state, user_days
+    from pipelines.spec import load_spec
+
+    spec = load_spec("feature_specs/synthetic.yaml")
+    df = _example_rows()
+    got = update_state(spec, None, user_days(spec, spark.createDataFrame(df))).toPandas()
     assert sorted(got["user_key"]) == sorted(df[K_USER].unique())
     for user, rows in df.sort_values(["event_time_ms", "example_id"]).groupby(K_USER):
         row = got[got["user_key"] == user].iloc[0]
         assert row["user_id"] == user + 100 and row["cnt_all"] == len(rows)
         for t in ("click", "dwell", "purchase"):
             assert row[f"sum_{t}"] == rows[s_col(t)].sum()
-        for name, max_len in (("clicked", 20), ("purchased", 10)):
+        for name, max_len in SYNTH_SEQS.items():
             want = rows.loc[rows[q_col(name)], "item_idx"].tolist()[-max_len:]
             assert list(row[f"seq_{name}"]) == want
     assert list(got.loc[got["user_key"] == 11, "seq_clicked"].iloc[0]) == []
