@@ -157,6 +157,9 @@ def read_validated(
                     f"{src.path.replace('{date}', date)}: no such file or directory (source.path for {date})"
                 )
         raws = [read_raw(spark, src, p) for p in paths]
+        if len({r.schema for r in raws}) > 1:
+            # days whose files type a column differently meet as strings (validation casts)
+            raws = [read_raw(spark, src, p, native=False) for p in paths]
         unread = raws[0]
         for r in raws[1:]:
             unread = unread.unionByName(r)

@@ -391,3 +391,38 @@ def test_dwell_boundaries_are_the_inverted_cdf(spark, max_distinct):
         qs = [i / n_bins for i in range(1, n_bins)]
         want = [float(np.quantile(x, q, method="inverted_cdf")) for q in qs]
         assert got[name] == want, name
+
+
+@pytest.mark.slow
+def test_nightly_reads_neighbour_days_typed_differently(spark, synth, tmp_path):
+    """A Parquet column already of its declared type is read as it is; when the days a nightly
+    run reads type a column differently (here the next day's dwell as text, one value not a
+    number), they meet as strings and the day's examples and rejected rows are the full
+    build's."""
+    events, spec0, cfg0, _summary = synth
+    src = Path(spec0.source.path.replace("/date={date}", ""))
+    data = shutil.copytree(src, tmp_path / "events")
+    for f in sorted((data / f"date={DAYS[2]}").glob("part-*.parquet")):
+        t = pq.read_table(f)
+        dwell = [None if v is None else repr(v) for v in t["dwell_s"].to_pylist()]
+        dwell[0] = "n/a"
+        t = t.set_column(t.schema.get_field_index("dwell_s"), "dwell_s", pa.array(dwell))
+        pq.write_table(t, f)
+    spec = spec0.model_copy(
+        update={"source": spec0.source.model_copy(update={"path": f"{data}/date={{date}}"})}
+    )
+    shutil.copytree(cfg0.lake, tmp_path / "lake")  # reuse the fitted preprocessing
+    cfg = PipelineConfig(lake=str(tmp_path / "lake"), spark={"user_partitions": 2})
+    tables, full_tables = Tables.for_spec(cfg.lake, spec), Tables.for_spec(cfg0.lake, spec0)
+    full_ex = DeltaTable(full_tables.examples).to_pandas()
+    full_rej = _rejected(full_tables.rejected)
+    build(spark, spec, cfg, date=DAYS[1], now_ms=NOW_MS)
+    ex = DeltaTable(tables.examples).to_pandas()
+    key = ["example_id"]
+    got = ex[ex["date"] == DAYS[1]].sort_values(key).reset_index(drop=True)
+    want = full_ex[full_ex["date"] == DAYS[1]].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[sorted(got.columns)], want[sorted(want.columns)])
+    rej = _rejected(tables.rejected)
+    rej = rej[rej["date"] == DAYS[1]]
+    assert rej["reason"].tolist() == full_rej[full_rej["date"] == DAYS[1]]["reason"].tolist()
+    assert rej["raw"].tolist() == full_rej[full_rej["date"] == DAYS[1]]["raw"].tolist()
