@@ -207,7 +207,10 @@ def compute_daily(
     new_day = np.ones(m, dtype=bool)
     new_day[1:] = (user[1:] != user[:-1]) | (day[1:] != day[:-1])
     starts = np.flatnonzero(new_day)
-    ends = np.append(starts[1:], m).astype(np.int64)
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    if m:
+        ends[-1] = m
     out: dict[str, np.ndarray | pa.Array] = {"cnt": (ends - starts).astype(np.int64)}
     for t in plan.tasks:
         s = cols[s_col(t)][real].astype(np.int64)

@@ -309,3 +309,35 @@ def test_user_state_is_counts_sums_and_last_taken_items(spark) -> None:
             want = rows.loc[rows[q_col(name)], "item_idx"].tolist()[-max_len:]
             assert list(row[f"seq_{name}"]) == want
     assert list(got.loc[got["user_key"] == 11, "seq_clicked"].iloc[0]) == []
+
+
+def test_user_days_leave_out_pseudo_rows() -> None:
+    """A nightly run's history rows (not real) count in no user-day row: a user's day is its
+    own events only, and a chunk of pseudo rows alone gives no rows."""
+    from pipelines.running import compute_daily
+
+    plan = KernelPlan(
+        tasks=["click"],
+        divisors={"click": 1},
+        fallback={"click": 0.0},
+        window_days=3,
+        all_history=False,
+        sequences={"clicked": 2},
+    )
+    cols = {
+        K_USER: np.array([4, 4, 4, 4, 9]),
+        K_DAY: np.array([PSEUDO_DAY, 19_000, 19_001, 19_001, 19_001]),
+        K_REAL: np.array([False, True, True, True, True]),
+        K_W: np.array([5, 1, 1, 1, 1]),
+        s_col("click"): np.array([3, 1, 0, 1, 1]),
+        q_col("clicked"): np.array([True, True, False, True, True]),
+        "item_idx": np.array([70, 71, 72, 73, 90]),
+    }
+    first, got = compute_daily(cols, plan)
+    assert first.tolist() == [1, 2, 4]
+    assert got["cnt"].tolist() == [1, 2, 1]
+    assert got["sum_click"].tolist() == [1, 1, 1]
+    assert got["dseq_clicked"].to_pylist() == [[71], [73], [90]]
+    only_pseudo = {c: v[:1] for c, v in cols.items()}
+    first, got = compute_daily(only_pseudo, plan)
+    assert first.size == 0 and got["cnt"].size == 0 and len(got["dseq_clicked"]) == 0
