@@ -40,9 +40,12 @@ from pipelines.running import (
     s_col,
 )
 from pipelines.source import (
+    CORRUPT,
+    FILE,
     FILE_DATE,
     ValidatedSource,
     action_column,
+    as_text,
     index_files,
     local_files,
     read_raw,
@@ -159,7 +162,7 @@ def read_validated(
         raws = [read_raw(spark, src, p) for p in paths]
         if len({r.schema for r in raws}) > 1:
             # days whose files type a column differently meet as strings (validation casts)
-            raws = [read_raw(spark, src, p, native=False) for p in paths]
+            raws = [r.select(*[as_text(c) for c in src.columns], CORRUPT, FILE) for r in raws]
         unread = raws[0]
         for r in raws[1:]:
             unread = unread.unionByName(r)

@@ -121,16 +121,15 @@ def _check_columns(found: list[str], table: TableSource, where: str) -> None:
         )
 
 
-def read_raw(
-    spark: SparkSession, table: TableSource, path: str | None = None, native: bool = True
-) -> DataFrame:
-    """Read a table with every declared column as a string (casting is validation's job), plus
+def read_raw(spark: SparkSession, table: TableSource, path: str | None = None) -> DataFrame:
+    """Read a table with its declared columns (casting is validation's job), plus
     ``_source_file`` and, for CSV, ``_corrupt_record`` for lines that do not parse.
 
-    ``native``: a Parquet or Delta column already of its declared type stays as it is (its
-    values need no check). Casting such columns to strings and back cost about a fifth of the
-    CPU of the read and the sessions at 10M events (JFR): string writes, string compares in the
-    duplicate window, string-to-long parsing, and a larger shuffle."""
+    CSV columns are strings. A Parquet or Delta column already of its declared type stays as
+    it is (its values need no check), any other one becomes a string: casting typed columns to
+    strings and back cost about a fifth of the CPU of the read and the sessions at 10M events
+    (JFR): string writes, string compares in the duplicate window, string-to-long parsing, and
+    a larger shuffle. `as_text` gives a column's string form either way."""
     path = path or table.path
     files = local_files(path)
     if "://" not in path or path.startswith("file://"):
@@ -167,23 +166,21 @@ def read_raw(
             _check_columns(pq.read_schema(f).names, table, f)
         df = spark.read.parquet(*(files or [path]))
         _check_columns(df.columns, table, files[0] if files else path)
-        cols = _typed_or_strings(df, table, native)
+        cols = _typed_or_strings(df, table)
     else:
         from pipelines.delta_io import read_delta
 
         df = read_delta(spark, path)
         _check_columns(df.columns, table, path)
-        cols = _typed_or_strings(df, table, native)
+        cols = _typed_or_strings(df, table)
     return df.select(*cols, F.input_file_name().alias(FILE))
 
 
-def _typed_or_strings(df: DataFrame, table: TableSource, native: bool) -> list[Column]:
+def _typed_or_strings(df: DataFrame, table: TableSource) -> list[Column]:
     """The declared columns of a typed source, each as it is where it already has its declared
-    type (and ``native``), else as a string; and a null corrupt-record column."""
+    type, else as a string; and a null corrupt-record column."""
     cols = [
-        F.col(c)
-        if native and df.schema[c].dataType == SPARK_TYPE[t]
-        else F.col(c).cast("string").alias(c)
+        F.col(c) if df.schema[c].dataType == SPARK_TYPE[t] else as_text(c)
         for c, t in table.columns.items()
     ]
     return [*cols, F.lit(None).cast("string").alias(CORRUPT)]
