@@ -17,12 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
-from pipelines.spec import DenseTransform, FeatureSpec, TaskKind
+from pipelines.spec import DenseTransform, FeatureSpec, Task, TaskKind
 
 OOV = 0
 # Dwell bin boundaries are order statistics at exact ranks (`quantile_ranks`), taken from the
@@ -140,39 +141,99 @@ def values_at_ranks(values: np.ndarray, counts: np.ndarray, ranks: list[int]) ->
     return [float(ordered[np.searchsorted(cum, r, side="left")]) for r in ranks]
 
 
+# What `count_values` counts: a vocabulary table's values, a dwell task's label values, rows
+# per date.
+VOCAB, DWELL, DATE = 0, 1, 2
+
+
+def count_values(
+    rows: DataFrame,
+    vocab: dict[str, tuple[list[str], bool]] | None = None,
+    dwell: list[str] | None = None,
+    by_date: bool = False,
+) -> DataFrame:
+    """One group-by over ``rows`` that counts, as (kind, tbl, num, str, dbl, count) rows: every
+    value of each vocabulary table (``vocab``: table -> (its columns, whether all are integers;
+    integers are counted as longs in ``num``, others as strings in ``str``)), every distinct
+    ``label_<task>`` of the dwell tasks (``dbl``) and the rows of each date (``str``). Nulls
+    are not counted.
+
+    One scan and one shuffle for all of them: each row's (what, value) pairs are exploded and
+    counted together, ``what`` an integer until after the aggregation (at 10M events a string
+    table name in the key cost 15 % more; one group-by per table, a union over the persisted
+    rows, cost twice as much as this in the build)."""
+    no_num, no_str, no_dbl = (F.lit(None).cast(t) for t in ("long", "string", "double"))
+    # (kind, tbl) -> its 1-based id; the columns of a shared table count under one id
+    ids: dict[tuple[int, str], int] = {}
+
+    def pair(kind: int, tbl: str, num=no_num, text=no_str, dbl=no_dbl) -> Column:
+        what = ids.setdefault((kind, tbl), len(ids) + 1)
+        return F.struct(
+            F.lit(what).alias("what"), num.alias("num"), text.alias("str"), dbl.alias("dbl")
+        )
+
+    pairs = []
+    for table, (cols, integral) in (vocab or {}).items():
+        for c in cols:
+            if integral:
+                pairs.append(pair(VOCAB, table, num=F.col(c).cast("long")))
+            else:
+                pairs.append(pair(VOCAB, table, text=F.col(c).cast("string")))
+    pairs += [pair(DWELL, t, dbl=F.col(f"label_{t}").cast("double")) for t in dwell or []]
+    if by_date:
+        pairs.append(pair(DATE, "", text=F.col("date")))
+    counts = (
+        rows.select(F.explode(F.array(*pairs)).alias("p"))
+        .select("p.*")
+        .where("num is not null or str is not null or dbl is not null")
+        .groupBy("what", "num", "str", "dbl")
+        .count()
+    )
+    kinds = F.array(*[F.lit(k) for k, _ in ids])
+    tbls = F.array(*[F.lit(t) for _, t in ids])
+    return counts.select(
+        F.element_at(kinds, F.col("what")).alias("kind"),
+        F.element_at(tbls, F.col("what")).alias("tbl"),
+        "num",
+        "str",
+        "dbl",
+        "count",
+    )
+
+
 def dwell_boundaries(
     train_rows: DataFrame,
     tasks: dict[str, int],
     max_distinct: int = EXACT_QUANTILE_MAX_DISTINCT,
-) -> dict[str, list[float]]:
+    counts: DataFrame | None = None,
+) -> tuple[dict[str, list[float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Raw equal-frequency boundaries of each dwell task's ``label_<task>`` (``tasks``: name ->
     n_bins), before dropping the minimum: exact from one count per distinct value when there
-    are at most ``max_distinct`` of them in all, else from percentile_approx.
+    are at most ``max_distinct`` of them in all, else from percentile_approx. Also returns,
+    when exact, each task's distinct values and their counts (empty otherwise).
 
-    The counts are one scan; the sketch, a second one when they are too many. At 10M events
-    (194k distinct dwell values) the group-by took 2.3 s where the sketch took 11 s."""
+    ``counts``: `count_values` output holding the tasks' values (the fit's shared counts);
+    without it they are counted here. At 10M events (194k distinct dwell values) the
+    group-by took 2.3 s where the sketch took 11 s."""
     if not tasks:
-        return {}
-    pairs = F.explode(
-        F.array(
-            *[
-                F.struct(F.lit(t).alias("task"), F.col(f"label_{t}").cast("double").alias("v"))
-                for t in tasks
-            ]
-        )
-    ).alias("p")
-    counts = (
-        train_rows.select(pairs).select("p.*").where(F.col("v").isNotNull()).groupBy("task", "v")
-    ).count()
-    got = counts.limit(max_distinct + 1).toArrow()
+        return {}, {}
+    if counts is None:
+        counts = count_values(train_rows, dwell=list(tasks))
+    got = (
+        counts.where(F.col("kind") == DWELL)
+        .select("tbl", "dbl", "count")
+        .limit(max_distinct + 1)
+        .toArrow()
+    )
     if got.num_rows <= max_distinct:
-        out = {}
+        out, exact = {}, {}
         for t, n_bins in tasks.items():
-            mine = got.filter(pc.equal(got["task"], t))
-            values = mine["v"].to_numpy()
+            mine = got.filter(pc.equal(got["tbl"], t))
+            values = mine["dbl"].to_numpy()
             n = mine["count"].to_numpy().astype(np.int64)
             out[t] = values_at_ranks(values, n, quantile_ranks(n_bins, int(n.sum())))
-        return out
+            exact[t] = (values, n)
+        return out, exact
     row = train_rows.agg(
         *[
             F.percentile_approx(
@@ -181,7 +242,7 @@ def dwell_boundaries(
             for t, n_bins in tasks.items()
         ]
     ).first()
-    return {t: [float(b) for b in row[t]] for t in tasks}
+    return {t: [float(b) for b in row[t]] for t in tasks}, {}
 
 
 def bin_index(col: Column, boundaries: list[float]) -> Column:
@@ -196,44 +257,50 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
     """Fit on rows of the training window (joined with side tables, labels in source units).
 
     ``train_rows`` must already be restricted to the training window; the caller decides it.
-    It is scanned five times: the caller should pass a filter of a persisted frame.
+    It is scanned twice: one group-by counts the vocabularies' values, the dwell values and the
+    rows per date (`count_values`), one aggregate takes the dense statistics and label means (a
+    third scan only where the dwell values are too many for exact boundaries). The caller
+    should pass a filter of a persisted frame, or one cheap to recompute.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_dir = out_dir / "vocab"
     vocab_dir.mkdir(exist_ok=True)
-    per_date = {r["date"]: r["count"] for r in train_rows.groupBy("date").count().collect()}
+    tables = vocab_tables(spec)
+    integral = integral_tables(tables, train_rows.schema)
+    dwell = [t for t in spec.tasks if t.kind == TaskKind.DWELL]
+    # Persisted: a few small jobs read the counts (442k rows at 10M events).
+    counts = count_values(
+        train_rows,
+        vocab={t: (cols, integral[t]) for t, cols in tables.items()},
+        dwell=[t.name for t in dwell],
+        by_date=True,
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        return _fit_from_counts(spec, train_rows, counts, tables, dwell, out_dir, vocab_dir)
+    finally:
+        counts.unpersist()
+
+
+def _fit_from_counts(
+    spec: FeatureSpec,
+    train_rows: DataFrame,
+    counts: DataFrame,
+    tables: dict[str, list[str]],
+    dwell: list[Task],
+    out_dir: Path,
+    vocab_dir: Path,
+) -> Artifacts:
+    per_date = {
+        r["str"]: r["count"]
+        for r in counts.where(F.col("kind") == DATE).select("str", "count").collect()
+    }
     n_rows = sum(per_date.values())
     if n_rows == 0:
         raise ValueError("the training window holds no accepted rows: check split dates and source")
     dates = sorted(per_date)
 
-    # All vocabularies in one scan: (table, value) pairs exploded, counted per table. A table
-    # whose columns are all integers is counted on the numbers (hashing and comparing longs,
-    # not strings); values become strings only on the counted pairs.
-    tables = vocab_tables(spec)
-    integral = integral_tables(tables, train_rows.schema)
-    no_num, no_str = F.lit(None).cast("long"), F.lit(None).cast("string")
-    pairs = F.explode(
-        F.array(
-            *[
-                F.struct(
-                    F.lit(table).alias("tbl"),
-                    (F.col(c).cast("long") if integral[table] else no_num).alias("num"),
-                    (no_str if integral[table] else F.col(c).cast("string")).alias("str"),
-                )
-                for table, cols in tables.items()
-                for c in cols
-            ]
-        )
-    ).alias("p")
-    counts = (
-        train_rows.select(pairs)
-        .select("p.*")
-        .where("num is not null or str is not null")
-        .groupBy("tbl", "num", "str")
-        .count()
-        .select("tbl", F.coalesce("str", F.col("num").cast("string")).alias("value"), "count")
-    )
+    # Vocabularies: a table's values counted as integers become strings only here, on the
+    # counted values.
     limits = {t: _vocab_limits(spec, t) for t in tables}
     keep = F.lit(False)
     cap = F.lit(0)
@@ -243,7 +310,10 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
     # Most frequent first, ties by value: deterministic whatever the partitioning.
     order = Window.partitionBy("tbl").orderBy(F.desc("count"), F.asc("value"))
     ranked = (
-        counts.where(keep).withColumn("idx", F.row_number().over(order)).where(F.col("idx") <= cap)
+        counts.where((F.col("kind") == VOCAB) & keep)
+        .select("tbl", F.coalesce("str", F.col("num").cast("string")).alias("value"), "count")
+        .withColumn("idx", F.row_number().over(order))
+        .where(F.col("idx") <= cap)
     )
     pdf_all = ranked.toPandas()
     vocab_sizes: dict[str, int] = {}
@@ -257,12 +327,11 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
         vocabs[table] = dict(zip(pdf["value"], pdf["idx"].astype(int), strict=True))
         vocab_sizes[table] = len(pdf) + 1
 
-    # Dense statistics, dwell boundaries and minima in one aggregate.
+    # Dense statistics, dwell minima and binary label means in one aggregate.
     aggs = []
     for f in spec.dense_features:
         x = _dense_pre(F.col(f.name), f.transform, f.fill)
         aggs += [F.avg(x).alias(f"m_{f.name}"), F.stddev_pop(x).alias(f"s_{f.name}")]
-    dwell = [t for t in spec.tasks if t.kind == TaskKind.DWELL]
     aggs += [F.min(f"label_{t.name}").alias(f"min_{t.name}") for t in dwell]
     binary = [t for t in spec.tasks if t.kind == TaskKind.BINARY]
     aggs += [F.avg(F.col(f"label_{t.name}").cast("double")).alias(f"mean_{t.name}") for t in binary]
@@ -274,7 +343,9 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
             mean=float(row[f"m_{f.name}"] or 0.0), std=std if std > 1e-12 else 1.0
         )
     bins: dict[str, list[float]] = {}
-    raw_bins = dwell_boundaries(train_rows, {t.name: int(t.n_bins or 0) for t in dwell})
+    raw_bins, exact = dwell_boundaries(
+        train_rows, {t.name: int(t.n_bins or 0) for t in dwell}, counts=counts
+    )
     for t in dwell:
         # A boundary equal to the minimum would leave bin 0 empty: drop it.
         vmin = row[f"min_{t.name}"]
@@ -282,15 +353,22 @@ def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
         if not bins[t.name]:
             raise ValueError(f"tasks.{t.name}: the training window's values are constant; no bins")
     means: dict[str, float] = {t.name: float(row[f"mean_{t.name}"]) for t in binary}
-    if dwell:
+    # A dwell task's mean [0, 1] target: from its value counts when exact, else one more scan.
+    for t in dwell:
+        if t.name in exact:
+            values, n = exact[t.name]
+            idx = np.searchsorted(np.asarray(bins[t.name]), values, side="right")
+            means[t.name] = float((idx * n).sum() / n.sum() / len(bins[t.name]))
+    rest = [t for t in dwell if t.name not in means]
+    if rest:
         bin_aggs = [
             F.avg(
                 bin_index(F.col(f"label_{t.name}"), bins[t.name]) / F.lit(len(bins[t.name]))
             ).alias(t.name)
-            for t in dwell
+            for t in rest
         ]
         brow = train_rows.agg(*bin_aggs).first()
-        means.update({t.name: float(brow[t.name]) for t in dwell})
+        means.update({t.name: float(brow[t.name]) for t in rest})
     means = {t.name: means[t.name] for t in spec.tasks}
 
     art = Artifacts(

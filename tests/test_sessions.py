@@ -386,11 +386,52 @@ def test_dwell_boundaries_are_the_inverted_cdf(spark, max_distinct):
     df = spark.createDataFrame(
         pd.DataFrame({"label_stay": stay, "label_watch": watch, "label_click": 1})
     )
-    got = dwell_boundaries(df, {"stay": 10, "watch": 4}, max_distinct=max_distinct)
+    got, exact = dwell_boundaries(df, {"stay": 10, "watch": 4}, max_distinct=max_distinct)
+    assert set(exact) == ({"stay", "watch"} if max_distinct > 3 else set())
     for name, x, n_bins in (("stay", stay, 10), ("watch", watch, 4)):
         qs = [i / n_bins for i in range(1, n_bins)]
         want = [float(np.quantile(x, q, method="inverted_cdf")) for q in qs]
         assert got[name] == want, name
+        if exact:
+            values, counts = np.unique(x, return_counts=True)
+            assert dict(zip(*exact[name], strict=True)) == dict(zip(values, counts, strict=True))
+
+
+def test_fit_counts_are_pandas_value_counts(spark):
+    """`count_values` (the fit's one group-by): a shared table counts the values of all its
+    columns together, integer tables count numbers, string tables strings, dwell values and
+    rows per date are counted too, and nulls nowhere."""
+    from pipelines.artifacts import DATE, DWELL, VOCAB, count_values
+
+    rng = np.random.default_rng(3)
+    n = 500
+    pdf = pd.DataFrame(
+        {
+            "src": rng.integers(0, 30, n),
+            "dst": rng.integers(20, 50, n),  # overlaps src: shared values must add up
+            "city": rng.choice(["a", "b", "c", None], n),
+            "label_stay": np.where(rng.random(n) < 0.2, np.nan, rng.integers(0, 9, n) * 0.5),
+            "date": rng.choice(["2022-04-25", "2022-04-26"], n),
+        }
+    )
+    df = spark.createDataFrame(pdf.astype(object).where(pdf.notna(), None))
+    got = count_values(
+        df,
+        vocab={"node": (["src", "dst"], True), "city": (["city"], False)},
+        dwell=["stay"],
+        by_date=True,
+    ).toPandas()
+
+    def part(kind: int, tbl: str, field: str) -> dict:
+        mine = got[(got["kind"] == kind) & (got["tbl"] == tbl)]
+        return dict(zip(mine[field], mine["count"], strict=True))
+
+    node = pd.concat([pdf["src"], pdf["dst"]]).value_counts()
+    assert part(VOCAB, "node", "num") == node.to_dict()
+    assert part(VOCAB, "city", "str") == pdf["city"].value_counts().to_dict()
+    assert part(DWELL, "stay", "dbl") == pdf["label_stay"].value_counts().to_dict()
+    assert part(DATE, "", "str") == pdf["date"].value_counts().to_dict()
+    assert len(got) == len(node) + 3 + pdf["label_stay"].nunique() + 2
 
 
 @pytest.mark.slow
