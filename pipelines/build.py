@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Row, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -380,6 +380,45 @@ def update_state(spec: FeatureSpec, old: DataFrame | None, days: DataFrame) -> D
     return j.select(*sel)
 
 
+def state_snapshots(spec: FeatureSpec, days: DataFrame, dates: list[str]) -> DataFrame:
+    """The user state at the end of each of ``dates`` (a ``state_date`` column) from `user_days`
+    rows, for a full build: what `update_state` from no state gives for the rows up to each
+    date, in one aggregation. Each user's days are collected once, sorted by date, and each
+    snapshot combines those up to its date (an aggregation per snapshot took 6 s at 10M
+    events, a chain of `update_state` joins 11 s)."""
+    fields = ["date", "cnt", *[f"sum_{t.name}" for t in spec.tasks]]
+    fields += [f"dseq_{s.name}" for s in spec.sequences]
+    per_user = days.groupBy("user_key").agg(
+        F.first("user_id").alias("user_id"),
+        F.array_sort(F.collect_list(F.struct(*fields))).alias("_days"),
+    )
+    rows = per_user.select(
+        "user_key", "user_id", "_days", F.explode(F.array(*map(F.lit, dates))).alias("state_date")
+    )
+    # The days up to the snapshot as a column of their own: filtered once, not once for each
+    # column that reads them (Spark does not merge projections that would repeat it).
+    rows = rows.select(
+        "user_key",
+        "user_id",
+        "state_date",
+        F.filter("_days", lambda d: d["date"] <= F.col("state_date")).alias("_upto"),
+    ).where(F.size("_upto") > 0)
+    upto = F.col("_upto")
+
+    def total(field: str) -> Column:
+        return F.aggregate(upto, F.lit(0).cast("long"), lambda acc, d: acc + d[field])
+
+    def items(field: str) -> Column:
+        return F.flatten(F.transform(upto, lambda d: d[field]))
+
+    sel = [F.col("user_key"), F.col("user_id"), total("cnt").alias("cnt_all")]
+    sel += [total(f"sum_{t.name}").alias(f"sum_{t.name}") for t in spec.tasks]
+    sel += [
+        _last(items(f"dseq_{s.name}"), s.max_len).alias(f"seq_{s.name}") for s in spec.sequences
+    ]
+    return rows.select(*sel, "state_date")
+
+
 def daily_aggregates(spec: FeatureSpec, days: DataFrame) -> DataFrame:
     """The user_daily table's rows: `user_days` without the sequences."""
     return days.select("user_key", "date", "user_id", "cnt", *[f"sum_{t.name}" for t in spec.tasks])
@@ -626,12 +665,7 @@ def _build(
             writer=writer,
             commit_info=info,
         )
-        # Each snapshot combines the user-day rows up to its date (a few rows per user).
-        state = None
-        for d in dates[-cfg.full_state_snapshots :]:
-            snap = update_state(spec, None, days.where(F.col("date") <= d))
-            dated = snap.withColumn("state_date", F.lit(d))
-            state = dated if state is None else state.unionByName(dated)
+        state = state_snapshots(spec, days, dates[-cfg.full_state_snapshots :])
         _write_chain_start(tables, dates[0])
         delta_io.write_delta(
             state,

@@ -299,6 +299,12 @@ def test_user_state_is_counts_sums_and_last_taken_items(spark) -> None:
     spec = load_spec("feature_specs/synthetic.yaml")
     df = _example_rows()
     got = update_state(spec, None, user_days(spec, spark.createDataFrame(df))).toPandas()
+    _check_state(got, df)
+    assert list(got.loc[got["user_key"] == 11, "seq_clicked"].iloc[0]) == []
+
+
+def _check_state(got: pd.DataFrame, df: pd.DataFrame) -> None:
+    """User state rows ``got`` against a pandas reference over the example rows ``df``."""
     assert sorted(got["user_key"]) == sorted(df[K_USER].unique())
     for user, rows in df.sort_values(["event_time_ms", "example_id"]).groupby(K_USER):
         row = got[got["user_key"] == user].iloc[0]
@@ -308,7 +314,24 @@ def test_user_state_is_counts_sums_and_last_taken_items(spark) -> None:
         for name, max_len in SYNTH_SEQS.items():
             want = rows.loc[rows[q_col(name)], "item_idx"].tolist()[-max_len:]
             assert list(row[f"seq_{name}"]) == want
-    assert list(got.loc[got["user_key"] == 11, "seq_clicked"].iloc[0]) == []
+
+
+def test_state_snapshots_are_the_state_up_to_each_date(spark) -> None:
+    """`state_snapshots` (a full build's user state at its last dates, in one aggregation):
+    at each date, per user with rows up to it, what the state of those rows is (pandas
+    reference); a user whose first day is later has no row before it."""
+    from pipelines.build import state_snapshots, user_days
+    from pipelines.spec import load_spec
+
+    spec = load_spec("feature_specs/synthetic.yaml")
+    df = _example_rows()
+    df = df[~((df[K_USER] == 5) & (df["date"] < "2022-01-03"))]
+    dates = ["2022-01-02", "2022-01-03", "2022-01-04"]
+    got = state_snapshots(spec, user_days(spec, spark.createDataFrame(df)), dates).toPandas()
+    assert sorted(got["state_date"].unique()) == dates
+    for d in dates:
+        _check_state(got[got["state_date"] == d], df[df["date"] <= d])
+    assert 5 not in got.loc[got["state_date"] == dates[0], "user_key"].tolist()
 
 
 def test_user_days_leave_out_pseudo_rows() -> None:
