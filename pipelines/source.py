@@ -16,6 +16,7 @@ import glob
 import gzip
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyspark import StorageLevel
@@ -195,8 +196,35 @@ def as_text(column: str) -> Column:
 def read_side_table(spark: SparkSession, table: TableSource) -> DataFrame:
     """A side table, typed as declared. Side tables are small and static: a row that fails its
     cast or a duplicate key is an error naming the file, column and key, not a silent drop."""
+    typed, check = open_side_table(spark, table)
+    check()
+    return typed
+
+
+def open_side_table(
+    spark: SparkSession, table: TableSource
+) -> tuple[DataFrame, Callable[[], None]]:
+    """A side table typed as declared (not yet read), and the function that checks it (its
+    jobs; raises `SourceError` as `read_side_table` does), for a caller that runs the checks
+    beside other work."""
     # cached: Spark refuses queries that touch only the corrupt-record column of a raw file
     raw = read_raw(spark, table).cache()
+    typed = raw.select(
+        *[F.col(c).try_cast(SPARK_TYPE[t]).alias(c) for c, t in table.columns.items()]
+    )
+
+    def check() -> None:
+        try:
+            _check_side_table(table, raw, typed)
+        except SourceError:
+            # forgotten, so that a fixed file is read anew (Spark would serve this cache)
+            raw.unpersist()
+            raise
+
+    return typed, check
+
+
+def _check_side_table(table: TableSource, raw: DataFrame, typed: DataFrame) -> None:
     # One job finds the first malformed line or failed cast (a job each cost ~0.5 s per table).
     checks = [F.when(F.col(CORRUPT).isNotNull(), F.lit(CORRUPT))]
     checks += [
@@ -204,8 +232,8 @@ def read_side_table(spark: SparkSession, table: TableSource) -> DataFrame:
         for c, t in table.columns.items()
         if t != "string"
     ]
-    failing = raw.select("*", F.coalesce(*checks).alias("_bad")).where(F.col("_bad").isNotNull())
-    row = failing.first()
+    bad = F.coalesce(*checks).alias("_bad")
+    row = raw.select("*", bad).where(F.col("_bad").isNotNull()).first()
     if row is not None:
         if row["_bad"] == CORRUPT:
             raise SourceError(f"{row[FILE]}: malformed line {row[CORRUPT]!r}")
@@ -214,16 +242,12 @@ def read_side_table(spark: SparkSession, table: TableSource) -> DataFrame:
             f"{table.columns[row['_bad']]} (row {dict((k, row[k]) for k in table.columns)})"
         )
     key = getattr(table, "key", None)
-    typed = raw.select(
-        *[F.col(c).try_cast(SPARK_TYPE[t]).alias(c) for c, t in table.columns.items()]
-    )
     if key:
         dup = typed.groupBy(key).count().where("count > 1").first()
         if dup is not None:
             raise SourceError(
                 f"{table.path}: key column {key!r} value {dup[key]!r} appears {dup['count']} times"
             )
-    return typed
 
 
 # --------------------------------------------------------------------------- validation

@@ -451,3 +451,35 @@ def test_side_table_error_names_file_column_and_value(spark, tmp_path, body, mes
     got = read_side_table(spark, table.model_copy(update={"path": str(good)}))
     got = got.orderBy("user_id").collect()
     assert [tuple(r) for r in got] == [(1, "a", 3), (2, "b", None)]
+
+
+def test_build_with_a_bad_side_table_fails_naming_it_and_writes_nothing(spark, tmp_path):
+    """A build checks its side tables beside its first jobs: a duplicate key still fails the
+    build with the table's error, before any table is written; the same build over a fixed
+    table then goes through (the failed table is read anew)."""
+    src = tmp_path / "log.csv"
+    src.write_text(HEADER + "\n" + "\n".join(csv_line(r) for r in good_rows()) + "\n")
+    users = tmp_path / "users.csv"
+    users.write_text("user_id,segment\n1,a\n2,b\n2,c\n3,a\n4,b\n")
+    d = spec_dict(src)
+    d["user"] = {
+        "tables": [
+            {
+                "path": str(users),
+                "format": "csv",
+                "key": "user_id",
+                "columns": {"user_id": "long", "segment": "string"},
+            }
+        ],
+        "categorical": [{"name": "segment", "column": "segment"}],
+    }
+    spec, cfg = parse_spec(d), make_cfg(tmp_path)
+    with pytest.raises(SourceError, match=r"users\.csv: key column 'user_id' value 2 appears 2"):
+        build(spark, spec, cfg, now_ms=NOW_MS)
+    assert not (tmp_path / "lake").exists() or not any((tmp_path / "lake").rglob("*.parquet"))
+    users.write_text("user_id,segment\n1,a\n2,b\n3,a\n4,b\n")
+    summary = build(spark, spec, cfg, now_ms=NOW_MS)
+    assert summary["examples"] == len(good_rows())
+    ex = read(Tables.for_spec(cfg.lake, spec).examples)
+    # every example found its user's segment (indices 1 and 2; 0 would be unknown)
+    assert ex.groupby("user_id")["segment"].first().to_dict() == {1: 1, 2: 2, 3: 1, 4: 2}
