@@ -253,6 +253,21 @@ def wide_rows(spark: SparkSession, spec: FeatureSpec, accepted: DataFrame) -> Da
     return rows
 
 
+def persisted_if_shuffled(wide: DataFrame) -> DataFrame:
+    """The wide rows as they are where the side tables are broadcast to them, else persisted.
+
+    They are read four times (stats, two fit scans, kernel), and the sessions they come from
+    are a filter of a persisted frame (`sessionize`'s, or `validate`'s): broadcast joins cost
+    less at each read than a second cache of every session (10M build: 3 s less, one 324 MB
+    cache less). A side table too large to broadcast (a user table of millions of rows) joins
+    through a shuffle, which should happen once."""
+    plan = wide._jdf.queryExecution().executedPlan().toString()
+    if "SortMergeJoin" in plan or "ShuffledHashJoin" in plan:
+        log.info("a side table joins through a shuffle: the wide rows are persisted")
+        return wide.persist(StorageLevel.MEMORY_AND_DISK)
+    return wide
+
+
 _SIDE_CACHE: dict[str, DataFrame] = {}
 _SIDE_CHECKS: dict[str, Future[None]] = {}
 _SIDE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="side-table-checks")
@@ -576,13 +591,10 @@ def _build(
     # Both read a persisted frame (validation's, or the sessions'); the few rejected rows are
     # persisted on their own as three jobs read them.
     rejected = validated.rejected.persist(StorageLevel.MEMORY_AND_DISK)
-    # Not persisted: the sessions are a filter of a persisted frame (`sessionize`'s, or
-    # `validate`'s), and the broadcast joins with the side tables cost less at each of its four reads (stats, two
-    # fit scans, kernel) than a second cache of every session (10M build: 3 s less). The stats
-    # job counts the sessions (a side table's keys are unique: one row per session) and
-    # gathers the summary's example statistics: these rows are the run's examples, which the
-    # kernel does not hand back.
-    wide = wide_rows(spark, spec, validated.accepted)
+    # The stats job counts the sessions (a side table's keys are unique: one row per session)
+    # and gathers the summary's example statistics: these rows are the run's examples, which
+    # the kernel does not hand back.
+    wide = persisted_if_shuffled(wide_rows(spark, spec, validated.accepted))
     stats = _example_stats(spec, wide)
     _side_tables_checked()
     n_acc, n_rej = stats["_rows"], rejected.count()
@@ -638,6 +650,7 @@ def _build(
         sink,
     ).persist(StorageLevel.MEMORY_AND_DISK)
     n_out = out.count()
+    wide.unpersist()
     files: list[dict] = []
     if sink is not None:
         files = [

@@ -397,6 +397,34 @@ def test_dwell_boundaries_are_the_inverted_cdf(spark, max_distinct):
             assert dict(zip(*exact[name], strict=True)) == dict(zip(values, counts, strict=True))
 
 
+def test_wide_rows_are_persisted_only_where_a_side_join_shuffles(spark):
+    """Wide rows are read four times: joined with broadcast side tables they are recomputed at
+    each read, but a side table too large to broadcast (here: broadcasting turned off) joins
+    through a shuffle, and then they are persisted, with the same rows."""
+    from pyspark.sql import functions as F
+
+    from pipelines.build import persisted_if_shuffled
+
+    sessions = spark.range(1000).withColumn("user_id", F.col("id") % 50)
+    users = spark.range(50).select(F.col("id").alias("_key"), (F.col("id") * 2).alias("age"))
+
+    def wide():
+        return sessions.join(users, sessions["user_id"] == users["_key"], "left").drop("_key")
+
+    broadcast = persisted_if_shuffled(wide())
+    assert not broadcast.is_cached
+    key = "spark.sql.autoBroadcastJoinThreshold"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "-1")
+    try:
+        shuffled = persisted_if_shuffled(wide())
+        assert shuffled.is_cached
+        assert sorted(shuffled.collect()) == sorted(broadcast.collect())
+        shuffled.unpersist()
+    finally:
+        spark.conf.set(key, before)
+
+
 def test_fit_counts_are_pandas_value_counts(spark):
     """`count_values` (the fit's one group-by): a shared table counts the values of all its
     columns together, integer tables count numbers, string tables strings, dwell values and
