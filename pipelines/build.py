@@ -14,10 +14,12 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
@@ -39,11 +41,14 @@ from pipelines.running import (
     q_col,
     run_kernel,
     s_col,
+    snapshot_states,
 )
 from pipelines.source import (
     CORRUPT,
     FILE,
     FILE_DATE,
+    TALLY_ACTION,
+    TALLY_SESSION,
     ValidatedSource,
     action_column,
     as_text,
@@ -202,8 +207,22 @@ def read_validated(
     cached = (*validated.cached, *([raw] if cache_raw else []))
     validated = ValidatedSource(accepted=acc, rejected=rej, staged=staged, cached=cached)
     if src.events is not None:
-        validated = sessionize(validated, files, src, {date} if date else None)
+        validated = sessionize(
+            validated, files, src, {date} if date else None, keep=session_columns(spec)
+        )
     return validated, counted
+
+
+def session_columns(spec: FeatureSpec) -> list[str]:
+    """The source columns `wide_rows` reads from the sessions besides the ids and time: the
+    tie-break columns and the features the source itself carries."""
+    cols = list(spec.source.tie_break)
+    cols += [f.column for f in [*spec.context.categorical, *spec.context.dense]]
+    for g in ("user", "item"):
+        group = getattr(spec, g)
+        if not group.tables:
+            cols += [f.column for f in [*group.categorical, *group.dense]]
+    return list(dict.fromkeys(cols))
 
 
 # --------------------------------------------------------------------------- rows
@@ -438,6 +457,27 @@ def state_snapshots(spec: FeatureSpec, days: DataFrame, dates: list[str]) -> Dat
     return rows.select(*sel, "state_date")
 
 
+def kernel_state_snapshots(
+    spec: FeatureSpec, plan: KernelPlan, days: DataFrame, dates: list[str]
+) -> DataFrame:
+    """`state_snapshots` of the user-day rows a kernel with a sink hands back, computed in the
+    kernel's own partitions (`running.snapshot_states`): each holds every day of its users,
+    so no shuffle is needed. At 10M events the aggregation took 7 s, mostly Spark's
+    interpreted higher-order functions over each user's days."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    schema = state_snapshots(spec, days, dates).schema
+    arrow_schema = to_arrow_schema(schema)
+
+    def snapshots(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        got = list(batches)
+        if got:
+            states = snapshot_states(pa.Table.from_batches(got), dates, plan)
+            yield from states.select(arrow_schema.names).cast(arrow_schema).to_batches()
+
+    return days.mapInArrow(snapshots, schema)
+
+
 def daily_aggregates(spec: FeatureSpec, days: DataFrame) -> DataFrame:
     """The user_daily table's rows: `user_days` without the sequences."""
     return days.select("user_key", "date", "user_id", "cnt", *[f"sum_{t.name}" for t in spec.tasks])
@@ -569,16 +609,20 @@ def _build(
         _side_table(spark, table)
 
     validated, _raw = read_validated(spark, spec, cfg, date, now_ms)
-    # Both read a persisted frame (validation's, or the sessions'); the few rejected rows are
-    # persisted on their own as three jobs read them.
-    rejected = validated.rejected.persist(StorageLevel.MEMORY_AND_DISK)
+    # Both read a persisted frame (validation's, or the sessions'). Without a tally the few
+    # rejected rows are persisted on their own, as three jobs read them; with one, only their
+    # write does.
+    rejected = validated.rejected
+    if validated.tally is None:
+        rejected = rejected.persist(StorageLevel.MEMORY_AND_DISK)
     # The stats job counts the sessions (a side table's keys are unique: one row per session)
     # and gathers the summary's example statistics: these rows are the run's examples, which
     # the kernel does not hand back.
     wide = persisted_if_shuffled(wide_rows(spark, spec, validated.accepted))
     stats = _example_stats(spec, wide)
     _side_tables_checked()
-    n_acc, n_rej = stats["_rows"], rejected.count()
+    reasons, n_actions = _tally(validated, rejected)
+    n_acc, n_rej = stats["_rows"], sum(reasons.values())
     log.info("validated: %d sessions accepted, %d rows rejected", n_acc, n_rej)
     if date is None:
         art = fit_artifacts(spark, spec, cfg, tables, now_ms, wide)
@@ -687,7 +731,12 @@ def _build(
             writer=writer,
             commit_info=info,
         )
-        state = state_snapshots(spec, days, dates[-cfg.full_state_snapshots :])
+        snapshot_dates = dates[-cfg.full_state_snapshots :]
+        state = (
+            kernel_state_snapshots(spec, plan, days, snapshot_dates)
+            if sink is not None
+            else state_snapshots(spec, days, snapshot_dates)
+        )
         _write_chain_start(tables, dates[0])
         delta_io.write_delta(
             state,
@@ -734,7 +783,6 @@ def _build(
         _warn_later_dates(tables, date)
 
     log.info("tables written at %.1fs", time.time() - t0)
-    n_actions = validated.actions.count() if validated.actions is not None else 0
     rows_in = _rows_in(spec, _raw, date)
     if rows_in is not None and rows_in != n_acc + n_actions + n_rej:
         raise BuildError(
@@ -747,7 +795,7 @@ def _build(
         art,
         mode,
         dates,
-        rejected,
+        reasons,
         n_acc,
         n_actions,
         n_rej,
@@ -852,6 +900,18 @@ def _rows_in(spec: FeatureSpec, raw: DataFrame, date: str | None) -> int | None:
     return None
 
 
+def _tally(validated: ValidatedSource, rejected: DataFrame) -> tuple[dict[str, int], int]:
+    """The rejected rows by reason, and the attributed actions: one job over the persisted
+    rows where the source has a tally (events: a job less for the actions, and the rejected
+    rows need not be persisted for their count), else a count of each."""
+    if validated.tally is not None:
+        counts = {r["what"]: r["count"] for r in validated.tally.groupBy("what").count().collect()}
+        counts.pop(TALLY_SESSION, None)
+        return counts, counts.pop(TALLY_ACTION, 0)
+    reasons = {r["reason"]: r["count"] for r in rejected.groupBy("reason").count().collect()}
+    return reasons, validated.actions.count() if validated.actions is not None else 0
+
+
 def _example_stats(spec: FeatureSpec, wide: DataFrame) -> Row:
     """One job over the run's examples (before the kernel): their count, distinct items, label
     rates and split sizes."""
@@ -870,7 +930,7 @@ def _summary(
     art: arts.Artifacts,
     mode: str,
     dates: list[str],
-    rejected: DataFrame,
+    reasons: dict[str, int],
     n_acc: int,
     n_actions: int,
     n_rej: int,
@@ -879,7 +939,6 @@ def _summary(
     days: DataFrame,
     seconds: float,
 ) -> dict:
-    reasons = {r["reason"]: r["count"] for r in rejected.groupBy("reason").count().collect()}
     users = days.agg(F.countDistinct("user_id")).first()[0]
     n_rows = stats["_rows"]
     splits = {s: stats[f"_split_{s}"] for s in SPLITS if stats[f"_split_{s}"]}

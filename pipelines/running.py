@@ -223,6 +223,56 @@ def compute_daily(
     return real[starts], out
 
 
+def snapshot_states(days: pa.Table, dates: list[str], plan: KernelPlan) -> pa.Table:
+    """The user state at the end of each of ``dates`` from user-day rows (user_key, date,
+    user_id, :func:`daily_fields`) that hold every day of their users: per user with days up
+    to the date, ``cnt_all`` and ``sum_<task>`` over those days and ``seq_<name>``, the last
+    max_len items of their ``dseq_<name>`` in date order; plus ``state_date``.
+
+    Vectorised over the rows sorted by (user, date): prefix sums per user and one slice of
+    the concatenated day sequences per user and date (the numpy form of
+    `pipelines.build.state_snapshots`, which a full build with a kernel sink runs in the
+    kernel's own partitions)."""
+    days = days.take(pc.sort_indices(days, [("user_key", "ascending"), ("date", "ascending")]))
+    n = days.num_rows
+    user = days.column("user_key").to_numpy()
+    new_user = np.ones(n, dtype=bool)
+    new_user[1:] = user[1:] != user[:-1]
+    starts = np.flatnonzero(new_user)
+    date = days.column("date")
+    fields = ["cnt", *(f"sum_{t}" for t in plan.tasks)]
+    totals = {c: days.column(c).to_numpy().astype(np.int64) for c in fields}
+    # per field, the total of every row up to and including each row
+    running = {c: np.cumsum(v) for c, v in totals.items()}
+    flat: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in plan.sequences:
+        seqs = days.column(f"dseq_{name}").combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(seqs), 0).to_numpy().astype(np.int64)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat[name] = (offsets, pc.list_flatten(seqs).to_numpy().astype(np.int64))
+    parts = []
+    for state_date in dates:
+        upto = pc.less_equal(date, pa.scalar(state_date, date.type)).to_numpy(zero_copy_only=False)
+        k = np.add.reduceat(upto.astype(np.int64), starts) if n else np.empty(0, np.int64)
+        has = k > 0
+        first, last = starts[has], starts[has] + k[has] - 1
+        cols: dict[str, pa.Array] = {
+            "user_key": pa.array(user[first], pa.int64()),
+            "user_id": days.column("user_id").take(pa.array(first, pa.int64())).combine_chunks(),
+        }
+        for c, run in running.items():
+            out = "cnt_all" if c == "cnt" else c
+            cols[out] = pa.array(run[last] - run[first] + totals[c][first], pa.int64())
+        for name, max_len in plan.sequences.items():
+            offsets, items = flat[name]
+            lo, hi = offsets[first], offsets[last + 1]
+            cols[f"seq_{name}"] = _last_items(np.arange(items.size), items, lo, hi, max_len)
+        cols["state_date"] = pa.array([state_date] * first.size, pa.string())
+        parts.append(pa.table(cols))
+    return pa.concat_tables(parts)
+
+
 @dataclass(frozen=True)
 class KernelSink:
     """Where the kernel task writes its real rows: the columns of ``target.schema`` (passthrough

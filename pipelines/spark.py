@@ -29,6 +29,10 @@ DEFAULT_CONF: dict[str, str] = {
     # statistics gathered on every value of every column, measured with JFR at 10M events)
     # and saved nothing the reads noticed; uncompressed blocks spill to disk like any other.
     "spark.sql.inMemoryColumnarStorage.compressed": "false",
+    # PySpark 4 otherwise records the Python call site of every Column function for error
+    # messages: four py4j round trips and a stack walk per call, 2.5 s of the driver's 9 s of
+    # planning before the first job of a 10M build (py-spy).
+    "spark.python.sql.dataFrameDebugging.enabled": "false",
 }
 
 

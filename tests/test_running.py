@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyspark.sql import functions as F
 
 from pipelines.running import (
     K_DAY,
@@ -316,18 +318,38 @@ def _check_state(got: pd.DataFrame, df: pd.DataFrame) -> None:
             assert list(row[f"seq_{name}"]) == want
 
 
-def test_state_snapshots_are_the_state_up_to_each_date(spark) -> None:
-    """`state_snapshots` (a full build's user state at its last dates, in one aggregation):
-    at each date, per user with rows up to it, what the state of those rows is (pandas
-    reference); a user whose first day is later has no row before it."""
-    from pipelines.build import state_snapshots, user_days
+@pytest.mark.parametrize("engine", ["spark", "kernel partitions"])
+def test_state_snapshots_are_the_state_up_to_each_date(spark, engine: str) -> None:
+    """A full build's user state at its last dates, from `user_days` rows: Spark's
+    `state_snapshots` (one aggregation), and `kernel_state_snapshots` (numpy in partitions
+    that hold whole users, as the kernel's output does). At each date, per user with rows up
+    to it, what the state of those rows is (pandas reference); a user whose first day is
+    later has no row before it; both give the same schema (the nightly runs append to it)."""
+    from pipelines.build import kernel_state_snapshots, state_snapshots, user_days
     from pipelines.spec import load_spec
 
     spec = load_spec("feature_specs/synthetic.yaml")
     df = _example_rows()
     df = df[~((df[K_USER] == 5) & (df["date"] < "2022-01-03"))]
     dates = ["2022-01-02", "2022-01-03", "2022-01-04"]
-    got = state_snapshots(spec, user_days(spec, spark.createDataFrame(df)), dates).toPandas()
+    days = user_days(spec, spark.createDataFrame(df))
+    want_schema = state_snapshots(spec, days, dates).schema
+    if engine == "spark":
+        snaps = state_snapshots(spec, days, dates)
+    else:
+        plan = KernelPlan(
+            tasks=["click", "dwell", "purchase"],
+            divisors={"click": 1, "dwell": 9, "purchase": 1},
+            fallback={"click": 0.0, "dwell": 0.0, "purchase": 0.0},
+            window_days=30,
+            all_history=False,
+            sequences=SYNTH_SEQS,
+        )
+        # several partitions, each with every day of its users, in no particular order
+        whole_users = days.repartition(3, "user_key").sortWithinPartitions(F.rand(seed=2))
+        snaps = kernel_state_snapshots(spec, plan, whole_users, dates)
+        assert snaps.schema == want_schema
+    got = snaps.toPandas()
     assert sorted(got["state_date"].unique()) == dates
     for d in dates:
         _check_state(got[got["state_date"] == d], df[df["date"] <= d])
