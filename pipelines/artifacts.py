@@ -23,6 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
+from pipelines.source import spark_schema_of
 from pipelines.spec import DenseTransform, FeatureSpec, Task, TaskKind
 
 OOV = 0
@@ -42,6 +43,39 @@ INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 class DenseStats:
     mean: float
     std: float
+
+
+@dataclass(frozen=True)
+class SideLookup:
+    """The features of one side table for the rows that join it on ``id_column``: ``frame``
+    holds the table's key as ``_key`` (unique: checked with the table) and each feature's raw
+    value under the feature's name."""
+
+    id_column: str
+    frame: DataFrame
+    broadcast: bool = False
+
+    @property
+    def features(self) -> list[str]:
+        return [c for c in self.frame.columns if c != "_key"]
+
+    def broadcastable(self) -> bool:
+        """Whether to broadcast it: always where asked, else when Spark's estimate of the
+        table (exact once its cache is filled, as its checks do) is within the broadcast
+        threshold. A mapping of the table (joined with its vocabularies) has no estimate
+        Spark would broadcast, and the examples would be shuffled to meet it."""
+        if self.broadcast:
+            return True
+        spark = self.frame.sparkSession
+        threshold = spark._jsparkSession.sessionState().conf().autoBroadcastJoinThreshold()
+        size = int(str(self.frame._jdf.queryExecution().optimizedPlan().stats().sizeInBytes()))
+        return 0 <= size <= threshold
+
+    def join(self, rows: DataFrame, frame: DataFrame | None = None) -> DataFrame:
+        """``rows`` with the features (of ``frame``: this table's, or a mapping of it)."""
+        side = self.frame if frame is None else frame
+        side = F.broadcast(side) if self.broadcastable() else side
+        return rows.join(side, rows[self.id_column] == side["_key"], "left").drop("_key")
 
 
 @dataclass
@@ -151,6 +185,7 @@ def count_values(
     vocab: dict[str, tuple[list[str], bool]] | None = None,
     dwell: list[str] | None = None,
     by_date: bool = False,
+    weight: Column | None = None,
 ) -> DataFrame:
     """One group-by over ``rows`` that counts, as (kind, tbl, num, str, dbl, count) rows: every
     value of each vocabulary table (``vocab``: table -> (its columns, whether all are integers;
@@ -161,7 +196,8 @@ def count_values(
     One scan and one shuffle for all of them: each row's (what, value) pairs are exploded and
     counted together, ``what`` an integer until after the aggregation (at 10M events a string
     table name in the key cost 15 % more; one group-by per table, a union over the persisted
-    rows, cost twice as much as this in the build)."""
+    rows, cost twice as much as this in the build). ``weight``: each row counts this many
+    times (a side table's rows, weighed by their id's count of rows)."""
     no_num, no_str, no_dbl = (F.lit(None).cast(t) for t in ("long", "string", "double"))
     # (kind, tbl) -> its 1-based id; the columns of a shared table count under one id
     ids: dict[tuple[int, str], int] = {}
@@ -182,13 +218,14 @@ def count_values(
     pairs += [pair(DWELL, t, dbl=F.col(f"label_{t}").cast("double")) for t in dwell or []]
     if by_date:
         pairs.append(pair(DATE, "", text=F.col("date")))
-    counts = (
-        rows.select(F.explode(F.array(*pairs)).alias("p"))
-        .select("p.*")
+    weights = [] if weight is None else [weight.cast("long").alias("_w")]
+    grouped = (
+        rows.select(F.explode(F.array(*pairs)).alias("p"), *weights)
+        .select("p.*", *(["_w"] if weights else []))
         .where("num is not null or str is not null or dbl is not null")
         .groupBy("what", "num", "str", "dbl")
-        .count()
     )
+    counts = grouped.count() if weight is None else grouped.agg(F.sum("_w").alias("count"))
     kinds = F.array(*[F.lit(k) for k, _ in ids])
     tbls = F.array(*[F.lit(t) for _, t in ids])
     return counts.select(
@@ -245,6 +282,43 @@ def dwell_boundaries(
     return {t: [float(b) for b in row[t]] for t in tasks}, {}
 
 
+def _weighed_moments(
+    sides: list[SideLookup], counts: DataFrame, integral: dict[str, bool], feats: dict
+) -> dict[str, float | None]:
+    """``m_<f>`` and ``s_<f>`` (mean, population standard deviation) over the training rows of
+    the side tables' dense features (``feats``: side -> its features): each id's value (the
+    fill value where the table lacks the id) weighed by its count of rows. Two small jobs for
+    all of them: the means, then the deviations from them (as exact as Spark's stddev_pop over
+    the rows; the sums of squares alone would cancel)."""
+    parts = []
+    for side in sides:
+        if not feats.get(id(side)):
+            continue
+        rows = _weighed(side, counts, integral[side.id_column], "left")
+        for f in feats[id(side)]:
+            x = _dense_pre(F.col(f.name), f.transform, f.fill)
+            parts.append(rows.select(F.lit(f.name).alias("f"), F.col("_n").cast("double"), x))
+    if not parts:
+        return {}
+    values = parts[0].toDF("f", "n", "x")
+    for p in parts[1:]:
+        values = values.union(p.toDF("f", "n", "x"))
+    values = values.coalesce(2)
+    n, x = F.col("n"), F.col("x")
+    means = {
+        r["f"]: r["m"]
+        for r in values.groupBy("f").agg((F.sum(n * x) / F.sum(n)).alias("m")).collect()
+    }
+    mean = F.lit(None).cast("double")
+    for name, m in means.items():
+        mean = F.when(F.col("f") == name, F.lit(m)).otherwise(mean)
+    dev = values.groupBy("f").agg((F.sum(n * F.pow(x - mean, 2)) / F.sum(n)).alias("v"))
+    out: dict[str, float | None] = {f"m_{name}": m for name, m in means.items()}
+    for r in dev.collect():
+        out[f"s_{r['f']}"] = None if r["v"] is None else math.sqrt(max(r["v"], 0.0))
+    return out
+
+
 def bin_index(col: Column, boundaries: list[float]) -> Column:
     """Number of boundaries <= value: bins [-inf, b0), [b0, b1), ..., [b_last, inf)."""
     expr = F.lit(0)
@@ -253,32 +327,103 @@ def bin_index(col: Column, boundaries: list[float]) -> Column:
     return expr.cast("int")
 
 
-def fit(spec: FeatureSpec, train_rows: DataFrame, out_dir: Path) -> Artifacts:
-    """Fit on rows of the training window (joined with side tables, labels in source units).
+def fit(
+    spec: FeatureSpec,
+    train_rows: DataFrame,
+    out_dir: Path,
+    sides: list[SideLookup] | None = None,
+) -> Artifacts:
+    """Fit on rows of the training window (labels in source units) and the side tables their
+    ids join (``sides``; without them, ``train_rows`` carries every feature).
 
     ``train_rows`` must already be restricted to the training window; the caller decides it.
     It is scanned twice: one group-by counts the vocabularies' values, the dwell values and the
     rows per date (`count_values`), one aggregate takes the dense statistics and label means (a
     third scan only where the dwell values are too many for exact boundaries). The caller
     should pass a filter of a persisted frame, or one cheap to recompute.
+
+    A side table's features are fitted on the table itself, each row weighed by how many
+    training rows its id has (that id's count, which the id's vocabulary counts anyway), so the
+    figures are those of the joined rows: a training row without a match has no value (not
+    counted; the fill value in the dense statistics). The rows are neither joined nor
+    exploded into the side features' values (at 10M events they were 5 of the 9 values each
+    row is counted under).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_dir = out_dir / "vocab"
     vocab_dir.mkdir(exist_ok=True)
     tables = vocab_tables(spec)
-    integral = integral_tables(tables, train_rows.schema)
+    sides = list(sides or [])
+    if any(tables[s.id_column] != [s.id_column] for s in sides):
+        # an id's vocabulary shared with another column no longer counts the id's rows alone
+        for side in sides:
+            train_rows = side.join(train_rows)
+        sides = []
+    schema = T.StructType(
+        [*train_rows.schema.fields, *(f for s in sides for f in s.frame.schema.fields)]
+    )
+    integral = integral_tables(tables, schema)
+    side_of = {name: side for side in sides for name in side.features}
     dwell = [t for t in spec.tasks if t.kind == TaskKind.DWELL]
-    # Persisted: a few small jobs read the counts (442k rows at 10M events).
+    row_vocab = {t: [c for c in cols if c not in side_of] for t, cols in tables.items()}
     counts = count_values(
         train_rows,
-        vocab={t: (cols, integral[t]) for t, cols in tables.items()},
+        vocab={t: (cols, integral[t]) for t, cols in row_vocab.items() if cols},
         dwell=[t.name for t in dwell],
         by_date=True,
-    ).persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    if sides:
+        # Persisted: the side tables' weights and the vocabularies read the row counts.
+        counts = counts.persist(StorageLevel.MEMORY_AND_DISK)
+        weighed = []
+        for side in sides:
+            mine = {
+                t: ([c for c in cols if side_of.get(c) is side], integral[t])
+                for t, cols in tables.items()
+            }
+            mine = {t: v for t, v in mine.items() if v[0]}
+            if mine:
+                weighed.append(
+                    count_values(
+                        _weighed(side, counts, integral[side.id_column], "inner"),
+                        vocab=mine,
+                        weight=F.col("_n"),
+                    )
+                )
+        row_counts, all_counts = counts, counts
+        for w in weighed:
+            all_counts = all_counts.unionByName(w)
+        if any(set(cols) & set(side_of) and set(cols) - set(side_of) for cols in tables.values()):
+            # a table of both the rows' and a side table's columns: its counts add up
+            keys = ["kind", "tbl", "num", "str", "dbl"]
+            all_counts = all_counts.groupBy(*keys).agg(F.sum("count").alias("count"))
+        counts = all_counts.persist(StorageLevel.MEMORY_AND_DISK)
+        cached = (row_counts, counts)
+    else:
+        # Persisted: a few small jobs read the counts (442k rows at 10M events).
+        counts = counts.persist(StorageLevel.MEMORY_AND_DISK)
+        cached = (counts,)
     try:
-        return _fit_from_counts(spec, train_rows, counts, tables, dwell, out_dir, vocab_dir)
+        return _fit_from_counts(
+            spec, train_rows, counts, tables, dwell, out_dir, vocab_dir, sides, integral
+        )
     finally:
-        counts.unpersist()
+        for frame in cached:
+            frame.unpersist()
+
+
+def _weighed(side: SideLookup, counts: DataFrame, integral_id: bool, how: str) -> DataFrame:
+    """The side table's rows for the training ids, each with ``_n``, its id's count of
+    training rows (from the id's vocabulary counts); ``how="left"`` keeps the ids the table
+    lacks, with null features."""
+    key = F.col("num") if integral_id else F.col("str")
+    ids = counts.where((F.col("kind") == VOCAB) & (F.col("tbl") == side.id_column)).select(
+        key.alias("_id"), F.col("count").alias("_n")
+    )
+    frame = side.frame.withColumn("_key", F.col("_key").cast("long" if integral_id else "string"))
+    return ids.join(
+        F.broadcast(frame) if side.broadcastable() else frame, F.col("_id") == F.col("_key"), how
+    )
 
 
 def _fit_from_counts(
@@ -289,6 +434,8 @@ def _fit_from_counts(
     dwell: list[Task],
     out_dir: Path,
     vocab_dir: Path,
+    sides: list[SideLookup],
+    integral: dict[str, bool],
 ) -> Artifacts:
     per_date = {
         r["str"]: r["count"]
@@ -327,15 +474,23 @@ def _fit_from_counts(
         vocabs[table] = dict(zip(pdf["value"], pdf["idx"].astype(int), strict=True))
         vocab_sizes[table] = len(pdf) + 1
 
-    # Dense statistics, dwell minima and binary label means in one aggregate.
+    # Dense statistics of the rows' own features, dwell minima and binary label means in one
+    # aggregate; a side table's dense features from the table, weighed.
+    side_of = {name: side for side in sides for name in side.features}
     aggs = []
     for f in spec.dense_features:
+        if f.name in side_of:
+            continue
         x = _dense_pre(F.col(f.name), f.transform, f.fill)
         aggs += [F.avg(x).alias(f"m_{f.name}"), F.stddev_pop(x).alias(f"s_{f.name}")]
     aggs += [F.min(f"label_{t.name}").alias(f"min_{t.name}") for t in dwell]
     binary = [t for t in spec.tasks if t.kind == TaskKind.BINARY]
     aggs += [F.avg(F.col(f"label_{t.name}").cast("double")).alias(f"mean_{t.name}") for t in binary]
-    row = train_rows.agg(*aggs).first()
+    row = train_rows.agg(*aggs).first().asDict() if aggs else {}
+    feats = {
+        id(side): [f for f in spec.dense_features if side_of.get(f.name) is side] for side in sides
+    }
+    row |= _weighed_moments(sides, counts, integral, feats)
     dense: dict[str, DenseStats] = {}
     for f in spec.dense_features:
         std = float(row[f"s_{f.name}"] or 0.0)
@@ -406,34 +561,67 @@ def load(out_dir: Path, spec: FeatureSpec | None = None, with_vocabs: bool = Tru
     return art
 
 
-def apply(spec: FeatureSpec, rows: DataFrame, art: Artifacts) -> DataFrame:
-    """Map categoricals to indices (OOV = 0), transform dense features, bin dwell labels."""
+def apply(
+    spec: FeatureSpec, rows: DataFrame, art: Artifacts, sides: list[SideLookup] | None = None
+) -> DataFrame:
+    """Map categoricals to indices (OOV = 0), transform dense features, bin dwell labels.
+
+    ``sides``: side tables the rows join for their features. Those are mapped on the table
+    itself (a few hundred thousand rows, not one lookup per example and feature: at 10M
+    events 5 of the 7 vocabulary joins), then joined: a row the table lacks gets what a
+    missing value maps to (OOV, the transformed fill value)."""
     spark = rows.sparkSession
-    out = rows
+    sides = list(sides or [])
+    side_of = {name: side for side in sides for name in side.features}
     tables = vocab_tables(spec)
-    integral = integral_tables(tables, rows.schema)
-    for table, cols in tables.items():
-        for c in cols:
-            target = {"user_id": "user_idx", "item_id": "item_idx"}.get(c, c)
-            value = F.col("value").cast("long") if integral[table] else F.col("value")
-            vocab_df = spark.read.parquet(str(Path(art.vocab_dir) / f"{table}.parquet")).select(
-                value.alias("_v"), F.col("idx").alias("_idx")
-            )
-            if art.vocab_sizes[table] <= BROADCAST_VOCAB_MAX:
-                vocab_df = F.broadcast(vocab_df)
-            # integer columns meet the numbers (a long hash join, no string per row)
-            key = F.col(c).cast("long") if integral[table] else F.col(c).cast("string")
-            out = (
-                out.join(vocab_df, key == F.col("_v"), "left")
-                .withColumn(target, F.coalesce(F.col("_idx"), F.lit(OOV)).cast("long"))
-                .drop("_v", "_idx")
-            )
-    for f in spec.dense_features:
-        x = _dense_pre(F.col(f.name), f.transform, f.fill)
+    schema = T.StructType([*rows.schema.fields, *(f for s in sides for f in s.frame.schema.fields)])
+    integral = integral_tables(tables, schema)
+
+    def index(frame: DataFrame, c: str, table: str, target: str) -> DataFrame:
+        value = F.col("value").cast("long") if integral[table] else F.col("value")
+        path = str(Path(art.vocab_dir) / f"{table}.parquet")
+        # its schema from its footer: Spark's inference is a job per file
+        known = spark_schema_of([pq.read_schema(path)])
+        reader = spark.read if known is None else spark.read.schema(known)
+        vocab_df = reader.parquet(path).select(value.alias("_v"), F.col("idx").alias("_idx"))
+        if art.vocab_sizes[table] <= BROADCAST_VOCAB_MAX:
+            vocab_df = F.broadcast(vocab_df)
+        # integer columns meet the numbers (a long hash join, no string per row)
+        key = F.col(c).cast("long") if integral[table] else F.col(c).cast("string")
+        return (
+            frame.join(vocab_df, key == F.col("_v"), "left")
+            .withColumn(target, F.coalesce(F.col("_idx"), F.lit(OOV)).cast("long"))
+            .drop("_v", "_idx")
+        )
+
+    def dense(f, col: Column) -> Column:
+        x = _dense_pre(col, f.transform, f.fill)
         if f.transform in (DenseTransform.STANDARDIZE, DenseTransform.LOG1P_STANDARDIZE):
             s = art.dense[f.name]
             x = (x - F.lit(s.mean)) / F.lit(s.std)
-        out = out.withColumn(f.name, x.cast("float"))
+        return x.cast("float")
+
+    out = rows
+    for side in sides:
+        frame = side.frame
+        mine = [(c, t) for t, cols in tables.items() for c in cols if side_of.get(c) is side]
+        for c, table in mine:
+            frame = index(frame, c, table, c)
+        feats = [f for f in spec.dense_features if side_of.get(f.name) is side]
+        frame = frame.withColumns({f.name: dense(f, F.col(f.name)) for f in feats})
+        out = side.join(out, frame)
+        # the rows whose id the table lacks
+        out = out.withColumns(
+            {c: F.coalesce(F.col(c), F.lit(OOV).cast("long")) for c, _ in mine}
+            | {f.name: F.coalesce(F.col(f.name), dense(f, F.lit(None))) for f in feats}
+        )
+    for table, cols in tables.items():
+        for c in cols:
+            if c not in side_of:
+                out = index(out, c, table, {"user_id": "user_idx", "item_id": "item_idx"}.get(c, c))
+    for f in spec.dense_features:
+        if f.name not in side_of:
+            out = out.withColumn(f.name, dense(f, F.col(f.name)))
     for t in spec.tasks:
         if t.kind == TaskKind.DWELL:
             out = out.withColumn(

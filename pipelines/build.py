@@ -226,8 +226,9 @@ def session_columns(spec: FeatureSpec) -> list[str]:
 
 
 # --------------------------------------------------------------------------- rows
-def wide_rows(spark: SparkSession, spec: FeatureSpec, accepted: DataFrame) -> DataFrame:
-    """Accepted sessions -> ids, time, labels (source units x scale) and raw feature values."""
+def session_rows(spec: FeatureSpec, accepted: DataFrame) -> DataFrame:
+    """Accepted sessions -> ids, time, labels (source units x scale) and the raw values of the
+    features the source itself carries (not those of side tables: `side_lookups`)."""
     src = spec.source
     cols = [
         F.col(sc(src.user_id)).alias("user_id"),
@@ -255,7 +256,13 @@ def wide_rows(spark: SparkSession, spec: FeatureSpec, accepted: DataFrame) -> Da
         if not group.tables:
             for f in [*group.categorical, *group.dense]:
                 cols.append(F.col(sc(f.column)).alias(f.name))
-    rows = accepted.select(*cols)
+    return accepted.select(*cols)
+
+
+def side_lookups(spark: SparkSession, spec: FeatureSpec) -> list[arts.SideLookup]:
+    """The user and item side tables' features, each keyed by the id the rows join it on.
+    Item tables are broadcast; a user table is when Spark finds it small enough."""
+    sides = []
     for g, id_col in (("user", "user_id"), ("item", "item_id")):
         group = getattr(spec, g)
         owner = group.column_owner()
@@ -263,28 +270,19 @@ def wide_rows(spark: SparkSession, spec: FeatureSpec, accepted: DataFrame) -> Da
             feats = [f for f in [*group.categorical, *group.dense] if owner.get(f.column) == i]
             if not feats:
                 continue
-            side = _side_table(spark, table).select(
+            frame = _side_table(spark, table).select(
                 F.col(table.key).alias("_key"), *[F.col(f.column).alias(f.name) for f in feats]
             )
-            rows = rows.join(
-                F.broadcast(side) if g == "item" else side, rows[id_col] == side["_key"], "left"
-            ).drop("_key")
+            sides.append(arts.SideLookup(id_col, frame, broadcast=g == "item"))
+    return sides
+
+
+def wide_rows(spark: SparkSession, spec: FeatureSpec, accepted: DataFrame) -> DataFrame:
+    """Accepted sessions -> `session_rows` joined with the side tables' raw feature values."""
+    rows = session_rows(spec, accepted)
+    for side in side_lookups(spark, spec):
+        rows = side.join(rows)
     return rows
-
-
-def persisted_if_shuffled(wide: DataFrame) -> DataFrame:
-    """The wide rows as they are where the side tables are broadcast to them, else persisted.
-
-    They are read four times (stats, two fit scans, kernel), and the sessions they come from
-    are a filter of a persisted frame (`sessionize`'s, or `validate`'s): broadcast joins cost
-    less at each read than a second cache of every session (10M build: 3 s less, one 324 MB
-    cache less). A side table too large to broadcast (a user table of millions of rows) joins
-    through a shuffle, which should happen once."""
-    plan = wide._jdf.queryExecution().executedPlan().toString()
-    if "SortMergeJoin" in plan or "ShuffledHashJoin" in plan:
-        log.info("a side table joins through a shuffle: the wide rows are persisted")
-        return wide.persist(StorageLevel.MEMORY_AND_DISK)
-    return wide
 
 
 _SIDE_CACHE: dict[str, DataFrame] = {}
@@ -553,20 +551,21 @@ def fit_artifacts(
     cfg: PipelineConfig,
     tables: Tables,
     now_ms: int,
-    wide: DataFrame | None = None,
+    rows: DataFrame | None = None,
 ) -> arts.Artifacts:
-    """Fit on the training window of ``wide`` (wide rows of every day), or of the whole source."""
+    """Fit on the training window of ``rows`` (`session_rows` of every day) and the side
+    tables, or of the whole source."""
     cached: tuple[DataFrame, ...] = ()
-    if wide is None:
+    if rows is None:
         validated, _ = read_validated(spark, spec, cfg, None, now_ms)
-        wide = wide_rows(spark, spec, validated.accepted)
-        train = wide.where(_in_train(spec)).persist(StorageLevel.MEMORY_AND_DISK)
+        rows = session_rows(spec, validated.accepted)
+        train = rows.where(_in_train(spec)).persist(StorageLevel.MEMORY_AND_DISK)
         cached = (*validated.cached, train)
     else:
-        train = wide.where(_in_train(spec))
+        train = rows.where(_in_train(spec))
     log.info("fitting vocabularies, dense statistics and dwell bins on the training window")
     try:
-        return arts.fit(spec, train, tables.artifacts)
+        return arts.fit(spec, train, tables.artifacts, side_lookups(spark, spec))
     finally:
         for frame in cached:
             frame.unpersist()
@@ -618,14 +617,17 @@ def _build(
     # The stats job counts the sessions (a side table's keys are unique: one row per session)
     # and gathers the summary's example statistics: these rows are the run's examples, which
     # the kernel does not hand back.
-    wide = persisted_if_shuffled(wide_rows(spark, spec, validated.accepted))
-    stats = _example_stats(spec, wide)
+    # The side tables join the rows only where the features are applied (once, before the
+    # kernel): the stats and the fit read the sessions alone (`arts.fit` weighs the side
+    # tables' values by each id's count of rows).
+    sessions = session_rows(spec, validated.accepted)
+    stats = _example_stats(spec, sessions)
     _side_tables_checked()
     reasons, n_actions = _tally(validated, rejected)
     n_acc, n_rej = stats["_rows"], sum(reasons.values())
     log.info("validated: %d sessions accepted, %d rows rejected", n_acc, n_rej)
     if date is None:
-        art = fit_artifacts(spark, spec, cfg, tables, now_ms, wide)
+        art = fit_artifacts(spark, spec, cfg, tables, now_ms, sessions)
     else:
         try:
             art = arts.load(tables.artifacts, spec)
@@ -643,12 +645,13 @@ def _build(
 
     # Not persisted: the rows go once through the kernel's shuffle; its output is persisted
     # and every table and the summary read it.
-    rows = with_kernel_columns(spec, arts.apply(spec, wide, art), art)
+    rows = arts.apply(spec, sessions, art, side_lookups(spark, spec))
+    rows = with_kernel_columns(spec, rows, art)
     rows = rows.withColumn("split", _split_col(spec))
     pseudo = None
     if date is not None:
         if old_state is not None:
-            users = wide.select(user_key(F.col("user_id")).alias("user_key")).distinct()
+            users = sessions.select(user_key(F.col("user_id")).alias("user_key")).distinct()
             pseudo = pseudo_rows(
                 spec, old_state, _window_daily(spark, spec, tables, date, writer), users
             )
@@ -675,7 +678,6 @@ def _build(
         sink,
     ).persist(StorageLevel.MEMORY_AND_DISK)
     n_out = out.count()
-    wide.unpersist()
     files: list[dict] = []
     if sink is not None:
         files = [
@@ -912,11 +914,11 @@ def _tally(validated: ValidatedSource, rejected: DataFrame) -> tuple[dict[str, i
     return reasons, validated.actions.count() if validated.actions is not None else 0
 
 
-def _example_stats(spec: FeatureSpec, wide: DataFrame) -> Row:
+def _example_stats(spec: FeatureSpec, sessions: DataFrame) -> Row:
     """One job over the run's examples (before the kernel): their count, distinct items, label
     rates and split sizes."""
     split = _split_col(spec)
-    return wide.agg(
+    return sessions.agg(
         F.count(F.lit(1)).alias("_rows"),
         F.countDistinct("item_id").alias("items"),
         *[F.avg(F.col(f"label_{t.name}").cast("double")).alias(t.name) for t in spec.tasks],

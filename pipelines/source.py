@@ -174,7 +174,7 @@ def read_raw(spark: SparkSession, table: TableSource, path: str | None = None) -
             footers[f] = pq.read_schema(f)
             _check_columns(footers[f].names, table, f)
         reader = spark.read
-        known = _spark_schema(list(footers.values()))
+        known = spark_schema_of(list(footers.values()))
         if known is not None:
             reader = reader.schema(known)
         df = reader.parquet(*(files or [path]))
@@ -204,7 +204,7 @@ _ARROW_TO_SPARK = {
 }
 
 
-def _spark_schema(footers: list) -> T.StructType | None:
+def spark_schema_of(footers: list) -> T.StructType | None:
     """The Spark schema of local Parquet files whose footers (already read for the column
     checks) agree and hold only plain types; None leaves it to Spark's inference, a job of
     its own per read (three of them, about 2 s of the driver before a 10M build's first job)."""
@@ -421,8 +421,8 @@ def validate(
     if events:
         assert source.events is not None
         # One shuffle serves validation and sessions: rows clustered by (impression id, spread)
-        # satisfy the exact-duplicate window (its keys include both), the impression window and
-        # the per-impression aggregation, so Spark plans no second exchange or sort.
+        # satisfy the impression window (duplicates and the impression) and the labels' window,
+        # so Spark plans no second exchange or sort.
         imp = source.events.impression_id_column
         spread = F.when(
             casts[imp].isNull(),
@@ -433,47 +433,48 @@ def validate(
         staged = staged.withColumns({IMP_KEY: casts[imp], IMP_SPREAD: spread}).repartition(
             IMP_KEY, IMP_SPREAD
         )
-    if source.reject_exact_duplicates or events:
+        is_imp = F.col(source.events.type_column) == source.events.impression_type
+        staged = staged.withColumns(
+            {
+                # the row's identity, a tie-break only among the id's impression events
+                "_row_id": F.when(is_imp, F.xxhash64(*hash_cols)),
+                # a per-date file's date, where it has one, is every accepted row's own day:
+                # no day of the row's time is formatted again after the shuffle
+                "_date": _row_date(source, F.when(time_ms.isNotNull(), day)),
+            }
+        )
+        staged = staged.withColumns(
+            _impression_window(source, cols, time_ms, casts[source.user_id], casts[source.item_id])
+        )
+    elif source.reject_exact_duplicates:
         # Exact duplicates: identical in every declared column; the first stays, the rest go.
-        # An event stream that keeps them still keeps one impression per id: the copies of an
-        # impression are duplicate impression ids (a session is its impression's own row).
-        keys = ([F.col(IMP_KEY), F.col(IMP_SPREAD)] if events else []) + [F.col(c) for c in cols]
-        w = Window.partitionBy(*keys).orderBy(F.col(FILE_IDX))
-        dup = F.lit("exact_duplicate")
-        if not source.reject_exact_duplicates:
-            assert source.events is not None
-            is_imp = F.col(source.events.type_column) == source.events.impression_type
-            dup = F.when(is_imp, F.lit("duplicate_impression_id"))
+        w = Window.partitionBy(*[F.col(c) for c in cols]).orderBy(F.col(FILE_IDX))
         staged = staged.withColumn(
             "_reason",
-            F.when(F.col("_reason").isNull() & (F.row_number().over(w) > 1), dup).otherwise(
-                F.col("_reason")
-            ),
+            F.when(
+                F.col("_reason").isNull() & (F.row_number().over(w) > 1), F.lit("exact_duplicate")
+            ).otherwise(F.col("_reason")),
         )
-    staged = staged.withColumn("_day", F.when(time_ms.isNotNull(), day))
+    if not events:
+        staged = staged.withColumn("_day", F.when(time_ms.isNotNull(), day))
     raw_json = F.to_json(F.struct(*[as_text(c) for c in cols], F.col(CORRUPT)))
-    # per-date sources account a row to the day of its file, others to the row's own day; for
-    # an accepted row both are its own day
-    row_date = (
-        F.coalesce(F.col(FILE_DATE), F.col("_day"))
-        if source.per_date
-        else F.coalesce(F.col("_day"), F.lit("unparsed"))
-    )
+    row_date = F.col("_date") if events else _row_date(source, F.col("_day"))
     if events:
         # Not persisted here: `sessionize` reads every row once and persists after its window.
         typed = staged.select(
             *[(F.col(IMP_KEY) if c == imp else casts[c]).alias(sc(c)) for c in cols],
             row_date.alias("date"),
             time_ms.alias("event_time_ms"),
-            F.xxhash64(*hash_cols).alias("example_id"),
+            F.col("_row_id").alias("example_id"),
             F.col(FILE_IDX),
             F.col("_reason"),
             F.when(F.col("_reason").isNotNull(), raw_json).alias("_raw"),
             F.col(IMP_SPREAD),
+            F.col("_imp"),
         )
         valid = F.col("_reason").isNull()
         return ValidatedSource(
-            accepted=typed.where(valid).drop("_reason", "_raw", IMP_SPREAD),
+            accepted=typed.where(valid).drop("_reason", "_raw", IMP_SPREAD, "_imp"),
             rejected=_name_files(
                 typed.where(~valid).select(
                     "date", F.col("_reason").alias("reason"), FILE_IDX, F.col("_raw").alias("raw")
@@ -497,6 +498,53 @@ def validate(
     return ValidatedSource(
         accepted=accepted, rejected=_name_files(rejected, files), cached=(staged,)
     )
+
+
+def _row_date(source: LogSource, day: Column) -> Column:
+    """The date a row is accounted to: per-date sources account it to the day of its file,
+    others to the row's own ``day``; for an accepted row both are its own day."""
+    if source.per_date:
+        return F.coalesce(F.col(FILE_DATE), day)
+    return F.coalesce(day, F.lit("unparsed"))
+
+
+def _impression_window(
+    source: LogSource, cols: list[str], time_ms: Column, user: Column, item: Column
+) -> dict[str, Column]:
+    """Over each impression id's rows (clustered by `validate`'s shuffle), in one window:
+    ``_reason`` with the exact duplicates marked, and ``_imp``, the id's impression: its
+    earliest valid impression event (time, then row id; `sessionize` matches the actions to
+    it), a struct of event_time_ms, example_id, u(ser), i(tem) and date.
+
+    Exact duplicates are identical in every declared column: ordered by the columns and the
+    file, each row after the first of its run of identical rows. An event stream that keeps
+    exact duplicates still keeps one impression per id: the copies of an impression are
+    duplicate impression ids (a session is its impression's own row). The duplicates need not
+    be known to find the impression: a copy of the earliest impression is that impression.
+    One window frame for both (a window over all the columns apart was a group per event,
+    about 3 s at 10M events), and no other sort: the labels' window reuses this order."""
+    ev = source.events
+    assert ev is not None
+    w = Window.partitionBy(IMP_KEY, IMP_SPREAD).orderBy(*[F.col(c) for c in cols], F.col(FILE_IDX))
+    same = F.lag(F.lit(True)).over(w).isNotNull()
+    for c in cols:
+        same = same & F.col(c).eqNullSafe(F.lag(F.col(c)).over(w))
+    is_imp = F.col(ev.type_column) == ev.impression_type
+    dup = F.lit("exact_duplicate")
+    if not source.reject_exact_duplicates:
+        dup = F.when(is_imp, F.lit("duplicate_impression_id"))
+    impression = F.struct(
+        time_ms.alias("event_time_ms"),
+        F.col("_row_id").alias("example_id"),
+        user.alias("u"),
+        item.alias("i"),
+        F.col("_date").alias("date"),
+    )
+    whole = w.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    return {
+        "_reason": F.when(F.col("_reason").isNull() & same, dup).otherwise(F.col("_reason")),
+        "_imp": F.min(F.when(is_imp & F.col("_reason").isNull(), impression)).over(whole),
+    }
 
 
 # --------------------------------------------------------------------------- sessions
@@ -525,9 +573,9 @@ def sessionize(
     actions and impressions dated on these days are accounted here (a nightly run reads the
     neighbour days for attribution only); None = all.
 
-    One shuffle (`validate`'s, by impression id) and no aggregation: two windows over each id's
-    rows (they arrive clustered and sorted by id) find its impression, then the labels its
-    actions give it; the session is the impression's own row. The rows after them are
+    One shuffle (`validate`'s, by impression id) and no aggregation: `validate`'s window over
+    each id's rows found its impression; a second one here gives it the labels of its
+    attributed actions (in the same order: no sort); the session is the impression's own row. The rows after them are
     persisted: sessions, rejected rows and attributed actions are three filters of that frame.
 
     ``keep``: the source columns the sessions carry besides the user, item and impression ids
@@ -543,17 +591,8 @@ def sessionize(
     valid = F.col("_reason").isNull()
     per_id = Window.partitionBy(imp_id, IMP_SPREAD)
     cols = validated.accepted.columns
-    # The earliest valid impression event of each id is the impression (ties by example_id;
-    # identical impression rows were told apart in `validate`).
-    first_imp = F.min(
-        F.when(
-            is_imp & valid,
-            F.struct(
-                "event_time_ms", "example_id", F.col(uid).alias("u"), F.col(iid).alias("i"), "date"
-            ),
-        )
-    ).over(per_id)
-    staged = validated.staged.withColumn("_imp", first_imp)
+    # `validate` found each id's impression (`_impression_window`)
+    staged = validated.staged
     delay = F.col("event_time_ms") - F.col("_imp.event_time_ms")
     too_old = F.datediff(F.to_date(F.col("date")), F.to_date(F.col("_imp.date"))) > 1
     window_ms = ev.attribution_window_s * 1000

@@ -397,32 +397,90 @@ def test_dwell_boundaries_are_the_inverted_cdf(spark, max_distinct):
             assert dict(zip(*exact[name], strict=True)) == dict(zip(values, counts, strict=True))
 
 
-def test_wide_rows_are_persisted_only_where_a_side_join_shuffles(spark):
-    """Wide rows are read four times: joined with broadcast side tables they are recomputed at
-    each read, but a side table too large to broadcast (here: broadcasting turned off) joins
-    through a shuffle, and then they are persisted, with the same rows."""
+def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(spark, tmp_path):
+    """The fit weighs a side table's values by each id's count of training rows, and apply maps
+    them on the table before joining: vocabularies, dense statistics and every applied column
+    equal those of the rows joined with the side tables, with ids the tables lack (OOV, the
+    fill value), null side values, side rows no session has, and a user table joined through
+    a shuffle (broadcasting off)."""
     from pyspark.sql import functions as F
 
-    from pipelines.build import persisted_if_shuffled
+    from pipelines import artifacts as arts
+    from pipelines.build import _in_train
 
-    sessions = spark.range(1000).withColumn("user_id", F.col("id") % 50)
-    users = spark.range(50).select(F.col("id").alias("_key"), (F.col("id") * 2).alias("age"))
+    spec = load_spec(REPO / "feature_specs" / "synthetic.yaml")
+    rng = np.random.default_rng(11)
+    n = 3000
+    rows = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 60, n),  # users 50..59 are not in the user table
+            "item_id": rng.integers(0, 400, n),  # items 300..399 are not in the item table
+            "event_time_ms": rng.integers(0, 10**9, n),
+            "date": rng.choice(["2022-04-26", "2022-04-28", "2022-05-06"], n),
+            "example_id": np.arange(n),
+            "label_click": rng.integers(0, 2, n).astype(np.int32),
+            "label_dwell": np.round(rng.exponential(20, n), 1),
+            "label_purchase": (rng.random(n) < 0.1).astype(np.int32),
+        }
+    )
+    users = pd.DataFrame(
+        {
+            "_key": np.r_[np.arange(50), np.arange(100, 105)],  # 100..104: no sessions
+            "age_bucket": rng.choice(["18-24", "25-34", None], 55),
+            "device": rng.choice(["ios", "android"], 55),
+            "city_tier": rng.integers(1, 4, 55),
+            "register_days": np.where(rng.random(55) < 0.1, np.nan, rng.integers(0, 900, 55)),
+        }
+    )
+    items = pd.DataFrame(
+        {
+            "_key": np.arange(300),
+            "category": rng.choice([f"c{i}" for i in range(12)], 300),
+            "author_id": rng.integers(0, 40, 300),
+            "duration_s": rng.exponential(60, 300),
+        }
+    )
 
-    def wide():
-        return sessions.join(users, sessions["user_id"] == users["_key"], "left").drop("_key")
+    def frame(pdf: pd.DataFrame):
+        return spark.createDataFrame(pdf.astype(object).where(pdf.notna(), None))
 
-    broadcast = persisted_if_shuffled(wide())
-    assert not broadcast.is_cached
+    sessions = frame(rows)
+    sides = [
+        arts.SideLookup(
+            "user_id", frame(users).withColumn("register_days", F.col("register_days").cast("long"))
+        ),
+        arts.SideLookup("item_id", frame(items), broadcast=True),
+    ]
+    joined = sessions
+    for side in sides:
+        joined = side.join(joined)
+    want = arts.fit(spec, joined.where(_in_train(spec)), tmp_path / "joined")
+    got = arts.fit(spec, sessions.where(_in_train(spec)), tmp_path / "sides", sides)
+    assert got.vocabs == want.vocabs and got.vocab_sizes == want.vocab_sizes
+    assert got.bins == want.bins and got.train_rows == want.train_rows
+    for t, m in want.global_means.items():
+        assert got.global_means[t] == pytest.approx(m, rel=1e-12)
+    for f, stats in want.dense.items():
+        assert got.dense[f].mean == pytest.approx(stats.mean, rel=1e-12), f
+        assert got.dense[f].std == pytest.approx(stats.std, rel=1e-12), f
+
+    def applied(df) -> pd.DataFrame:
+        cols = ["example_id", "user_idx", "item_idx", "label_dwell_bin"]
+        cols += [f.name for f in spec.categorical_features + spec.dense_features]
+        return df.select(*cols).toPandas().sort_values("example_id").reset_index(drop=True)
+
+    expected = applied(arts.apply(spec, joined, want))
+    assert (expected["age_bucket"] == arts.OOV).any() and (expected["category"] == 0).any()
     key = "spark.sql.autoBroadcastJoinThreshold"
     before = spark.conf.get(key)
-    spark.conf.set(key, "-1")
-    try:
-        shuffled = persisted_if_shuffled(wide())
-        assert shuffled.is_cached
-        assert sorted(shuffled.collect()) == sorted(broadcast.collect())
-        shuffled.unpersist()
-    finally:
-        spark.conf.set(key, before)
+    for threshold in (before, "-1"):
+        spark.conf.set(key, threshold)
+        try:
+            pd.testing.assert_frame_equal(
+                applied(arts.apply(spec, sessions, want, sides)), expected
+            )
+        finally:
+            spark.conf.set(key, before)
 
 
 def test_fit_counts_are_pandas_value_counts(spark):
