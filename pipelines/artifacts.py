@@ -393,8 +393,12 @@ def fit(
         row_counts, all_counts = counts, counts
         for w in weighed:
             all_counts = all_counts.unionByName(w)
-        if any(set(cols) & set(side_of) and set(cols) - set(side_of) for cols in tables.values()):
-            # a table of both the rows' and a side table's columns: its counts add up
+
+        def sources(cols: list[str]) -> set[int]:
+            return {id(side_of[c]) if c in side_of else 0 for c in cols}
+
+        if any(len(sources(cols)) > 1 for cols in tables.values()):
+            # a table of columns of the rows and of a side table (or of two): its counts add up
             keys = ["kind", "tbl", "num", "str", "dbl"]
             all_counts = all_counts.groupBy(*keys).agg(F.sum("count").alias("count"))
         counts = all_counts.persist(StorageLevel.MEMORY_AND_DISK)

@@ -214,7 +214,7 @@ def read_validated(
 
 
 def session_columns(spec: FeatureSpec) -> list[str]:
-    """The source columns `wide_rows` reads from the sessions besides the ids and time: the
+    """The source columns `session_rows` reads from the sessions besides the ids and time: the
     tie-break columns and the features the source itself carries."""
     cols = list(spec.source.tie_break)
     cols += [f.column for f in [*spec.context.categorical, *spec.context.dense]]
@@ -614,12 +614,11 @@ def _build(
     rejected = validated.rejected
     if validated.tally is None:
         rejected = rejected.persist(StorageLevel.MEMORY_AND_DISK)
-    # The stats job counts the sessions (a side table's keys are unique: one row per session)
-    # and gathers the summary's example statistics: these rows are the run's examples, which
-    # the kernel does not hand back.
-    # The side tables join the rows only where the features are applied (once, before the
-    # kernel): the stats and the fit read the sessions alone (`arts.fit` weighs the side
-    # tables' values by each id's count of rows).
+    # The stats job counts the sessions and gathers the summary's example statistics: these
+    # rows are the run's examples, which the kernel does not hand back. The side tables join
+    # the rows only where the features are applied (once, before the kernel): the stats and
+    # the fit read the sessions alone (`arts.fit` weighs the side tables' values by each id's
+    # count of rows).
     sessions = session_rows(spec, validated.accepted)
     stats = _example_stats(spec, sessions)
     _side_tables_checked()

@@ -397,18 +397,23 @@ def test_dwell_boundaries_are_the_inverted_cdf(spark, max_distinct):
             assert dict(zip(*exact[name], strict=True)) == dict(zip(values, counts, strict=True))
 
 
-def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(spark, tmp_path):
+@pytest.mark.parametrize(
+    "shared", [[], ["user.categorical.1.table=shared", "item.categorical.0.table=shared"]]
+)
+def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
+    spark, tmp_path, shared
+):
     """The fit weighs a side table's values by each id's count of training rows, and apply maps
     them on the table before joining: vocabularies, dense statistics and every applied column
     equal those of the rows joined with the side tables, with ids the tables lack (OOV, the
-    fill value), null side values, side rows no session has, and a user table joined through
-    a shuffle (broadcasting off)."""
+    fill value), null side values, side rows no session has, a user table joined through a
+    shuffle (broadcasting off), and a vocabulary shared by a user and an item feature."""
     from pyspark.sql import functions as F
 
     from pipelines import artifacts as arts
     from pipelines.build import _in_train
 
-    spec = load_spec(REPO / "feature_specs" / "synthetic.yaml")
+    spec = load_spec(REPO / "feature_specs" / "synthetic.yaml", overrides=shared)
     rng = np.random.default_rng(11)
     n = 3000
     rows = pd.DataFrame(
@@ -435,7 +440,8 @@ def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(spar
     items = pd.DataFrame(
         {
             "_key": np.arange(300),
-            "category": rng.choice([f"c{i}" for i in range(12)], 300),
+            # values shared with the users' device: a shared vocabulary adds their counts up
+            "category": rng.choice(["ios", "android", *(f"c{i}" for i in range(10))], 300),
             "author_id": rng.integers(0, 40, 300),
             "duration_s": rng.exponential(60, 300),
         }
