@@ -248,6 +248,15 @@ def _example_rows(seed: int = 3, n: int = 3000) -> pd.DataFrame:
 
 
 SYNTH_SEQS = {"clicked": 20, "purchased": 10}
+# the kernel plan of the synthetic spec's tasks and sequences (dwell in 10 bins)
+SYNTH_PLAN = KernelPlan(
+    tasks=["click", "dwell", "purchase"],
+    divisors={"click": 1, "dwell": 9, "purchase": 1},
+    fallback={"click": 0.0, "dwell": 0.0, "purchase": 0.0},
+    window_days=30,
+    all_history=False,
+    sequences=SYNTH_SEQS,
+)
 
 
 def test_kernel_user_days_equal_spark_user_days(spark) -> None:
@@ -263,14 +272,7 @@ def test_kernel_user_days_equal_spark_user_days(spark) -> None:
     s = df.sort_values([K_USER, "event_time_ms", "example_id"]).reset_index(drop=True)
     cols = {c: s[c].to_numpy() for c in s.columns}
     cols[K_REAL] = np.ones(len(s), dtype=bool)
-    plan = KernelPlan(
-        tasks=["click", "dwell", "purchase"],
-        divisors={"click": 1, "dwell": 9, "purchase": 1},
-        fallback={"click": 0.0, "dwell": 0.0, "purchase": 0.0},
-        window_days=30,
-        all_history=False,
-        sequences=SYNTH_SEQS,
-    )
+    plan = SYNTH_PLAN
     first, got = compute_daily(cols, plan)
     got_df = pd.DataFrame(
         {
@@ -337,17 +339,9 @@ def test_state_snapshots_are_the_state_up_to_each_date(spark, engine: str) -> No
     if engine == "spark":
         snaps = state_snapshots(spec, days, dates)
     else:
-        plan = KernelPlan(
-            tasks=["click", "dwell", "purchase"],
-            divisors={"click": 1, "dwell": 9, "purchase": 1},
-            fallback={"click": 0.0, "dwell": 0.0, "purchase": 0.0},
-            window_days=30,
-            all_history=False,
-            sequences=SYNTH_SEQS,
-        )
         # several partitions, each with every day of its users, in no particular order
         whole_users = days.repartition(3, "user_key").sortWithinPartitions(F.rand(seed=2))
-        snaps = kernel_state_snapshots(spec, plan, whole_users, dates)
+        snaps = kernel_state_snapshots(spec, SYNTH_PLAN, whole_users, dates)
         assert snaps.schema == want_schema
     got = snaps.toPandas()
     assert sorted(got["state_date"].unique()) == dates
