@@ -372,27 +372,23 @@ def fit(
         dwell=[t.name for t in dwell],
         by_date=True,
     )
-    if sides:
-        # Persisted: the side tables' weights and the vocabularies read the row counts.
-        counts = counts.persist(StorageLevel.MEMORY_AND_DISK)
-        weighed = []
-        for side in sides:
-            mine = {
-                t: ([c for c in cols if side_of.get(c) is side], integral[t])
-                for t, cols in tables.items()
-            }
-            mine = {t: v for t, v in mine.items() if v[0]}
-            if mine:
-                weighed.append(
-                    count_values(
-                        _weighed(side, counts, integral[side.id_column], "inner"),
-                        vocab=mine,
-                        weight=F.col("_n"),
-                    )
-                )
-        row_counts, all_counts = counts, counts
+    # Persisted: a few small jobs read the counts (442k rows at 10M events), and the side
+    # tables' weights are the ids' counts.
+    row_counts = counts.persist(StorageLevel.MEMORY_AND_DISK)
+    cached = [row_counts]
+    weighed = []
+    for side in sides:
+        mine = {
+            t: ([c for c in cols if side_of.get(c) is side], integral[t])
+            for t, cols in tables.items()
+        }
+        mine = {t: v for t, v in mine.items() if v[0]}
+        if mine:
+            ids = _weighed(side, row_counts, integral[side.id_column], "inner")
+            weighed.append(count_values(ids, vocab=mine, weight=F.col("_n")))
+    if weighed:
         for w in weighed:
-            all_counts = all_counts.unionByName(w)
+            counts = counts.unionByName(w)
 
         def sources(cols: list[str]) -> set[int]:
             return {id(side_of[c]) if c in side_of else 0 for c in cols}
@@ -400,13 +396,11 @@ def fit(
         if any(len(sources(cols)) > 1 for cols in tables.values()):
             # a table of columns of the rows and of a side table (or of two): its counts add up
             keys = ["kind", "tbl", "num", "str", "dbl"]
-            all_counts = all_counts.groupBy(*keys).agg(F.sum("count").alias("count"))
-        counts = all_counts.persist(StorageLevel.MEMORY_AND_DISK)
-        cached = (row_counts, counts)
-    else:
-        # Persisted: a few small jobs read the counts (442k rows at 10M events).
+            counts = counts.groupBy(*keys).agg(F.sum("count").alias("count"))
         counts = counts.persist(StorageLevel.MEMORY_AND_DISK)
-        cached = (counts,)
+        cached.append(counts)
+    else:
+        counts = row_counts
     try:
         return _fit_from_counts(
             spec, train_rows, counts, tables, dwell, out_dir, vocab_dir, sides, integral

@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -26,6 +27,9 @@ from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from pipelines.spec import LogSource, SourceFormat, TableSource, TaskKind
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SPARK_TYPE = {
     "string": T.StringType(),
@@ -204,7 +208,7 @@ _ARROW_TO_SPARK = {
 }
 
 
-def spark_schema_of(footers: list) -> T.StructType | None:
+def spark_schema_of(footers: list[pa.Schema]) -> T.StructType | None:
     """The Spark schema of local Parquet files whose footers (already read for the column
     checks) agree and hold only plain types; None leaves it to Spark's inference, a job of
     its own per read (three of them, about 2 s of the driver before a 10M build's first job)."""
@@ -575,8 +579,9 @@ def sessionize(
 
     One shuffle (`validate`'s, by impression id) and no aggregation: `validate`'s window over
     each id's rows found its impression; a second one here gives it the labels of its
-    attributed actions (in the same order: no sort); the session is the impression's own row. The rows after them are
-    persisted: sessions, rejected rows and attributed actions are three filters of that frame.
+    attributed actions (in the same order: no sort); the session is the impression's own row.
+    The rows after them are persisted: sessions, rejected rows, attributed actions and the
+    tally are filters of that frame.
 
     ``keep``: the source columns the sessions carry besides the user, item and impression ids
     (None: all). Only those are persisted, with date, time, labels and what the rejected rows
