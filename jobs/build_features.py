@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.build import BuildError, build
     from pipelines.config import load_config
     from pipelines.source import SourceError
-    from pipelines.spark import get_spark
+    from pipelines.spark import spark_session
     from pipelines.spec import SpecError, load_spec
 
     try:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    spark = get_spark(cfg.spark.app_name, cfg.spark.master, cfg.spark.conf)
+    spark = spark_session(cfg.spark, cfg.spark.app_name)
     try:
         for d in dates:
             summary = build(spark, spec, cfg, date=d)

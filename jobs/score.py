@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.config import load_train_config
     from pipelines.config import load_config
     from pipelines.scoring import score_date
-    from pipelines.spark import get_spark
+    from pipelines.spark import spark_session
     from pipelines.spec import SpecError, load_spec
 
     try:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    spark = get_spark("score", cfg.spark.master, cfg.spark.conf)
+    spark = spark_session(cfg.spark, "score")
     try:
         summary = score_date(
             spark, spec, cfg, args.model, date, tracking_uri=tracking, out_path=args.output

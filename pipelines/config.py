@@ -21,6 +21,11 @@ class SparkConfig(_Strict):
     conf: dict[str, str] = Field(default_factory=dict)
     # Partitions of the per-user running-feature stage (users are hashed into them).
     user_partitions: int = Field(8, ge=1)
+    # A driver JVM launched here starts from a class-data archive of this Spark and Java,
+    # recorded by the first run (`pipelines.spark.ClassArchive`), kept in jvm_cache_dir
+    # (default $XDG_CACHE_HOME/lifecycle-mtl/jvm, else ~/.cache/lifecycle-mtl/jvm).
+    class_archive: bool = True
+    jvm_cache_dir: str | None = None
 
 
 class DeltaConfig(_Strict):

@@ -97,9 +97,9 @@ def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
     def session():
         nonlocal spark
         if spark is None:
-            from pipelines.spark import get_spark
+            from pipelines.spark import spark_session
 
-            spark = get_spark(cfg.spark.app_name, cfg.spark.master, cfg.spark.conf)
+            spark = spark_session(cfg.spark, cfg.spark.app_name)
         return spark
 
     run_dir = Path(opts.runs_dir) / opts.date

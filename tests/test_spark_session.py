@@ -1,0 +1,114 @@
+"""The local driver's JVM options and its class-data archive (`pipelines.spark`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.spark import (
+    DRIVER_JAVA_OPTIONS,
+    STALE_RECORDING_S,
+    ClassArchive,
+    archive_key,
+    driver_java_options,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_users_options_come_last_and_their_own_archive_wins(tmp_path: Path):
+    archive = ClassArchive(tmp_path / "a.jsa")
+    opts = driver_java_options("-Xss4m -XX:+UseG1GC", archive).split()
+    # the JVM takes the last of a flag: the user's collector wins over ours
+    assert opts[: len(DRIVER_JAVA_OPTIONS)] == DRIVER_JAVA_OPTIONS
+    assert opts[-2:] == ["-Xss4m", "-XX:+UseG1GC"]
+    assert f"-XX:SharedArchiveFile={tmp_path / 'a.jsa'}" in opts
+    for own in ("-XX:SharedArchiveFile=/x.jsa", "-Xshare:off"):
+        opts = driver_java_options(own, archive).split()
+        assert not any("SharedArchiveFile" in o for o in opts[:-1]) and opts[-1] == own
+    assert driver_java_options(None, None).split() == DRIVER_JAVA_OPTIONS
+    recording = ClassArchive(tmp_path / "a.jsa", recording=True)
+    assert "-XX:+RecordDynamicDumpInfo" in driver_java_options("", recording).split()
+
+
+def test_archive_key_follows_the_class_path():
+    base = archive_key({})
+    if base is None:
+        pytest.skip("no java binary")
+    assert archive_key({"spark.sql.shuffle.partitions": "2"}) == base
+    assert archive_key({"spark.jars": "/opt/delta-spark.jar"}) != base
+    assert archive_key({"spark.driver.extraClassPath": "/opt/x.jar"}) != base
+
+
+def test_one_process_records_at_a_time_and_a_stale_recording_is_taken_over(tmp_path: Path):
+    if archive_key({}) is None:
+        pytest.skip("no java binary")
+    first = ClassArchive.for_conf({}, tmp_path)
+    assert first is not None and first.recording and first.lock.exists()
+    # while one records, another process starts without an archive
+    assert ClassArchive.for_conf({}, tmp_path) is None
+    old = time.time() - STALE_RECORDING_S - 60
+    os.utime(first.lock, (old, old))
+    again = ClassArchive.for_conf({}, tmp_path)
+    assert again is not None and again.recording
+    # a written archive is used, not recorded again
+    again.path.write_bytes(b"x")
+    used = ClassArchive.for_conf({}, tmp_path)
+    assert used is not None and not used.recording
+    assert used.java_options()[0] == f"-XX:SharedArchiveFile={used.path}"
+
+
+SESSION = textwrap.dedent(
+    """
+    import json, sys
+    from pipelines.spark import get_spark
+    conf = {"spark.driver.extraJavaOptions": sys.argv[2]} if len(sys.argv) > 2 else {}
+    spark = get_spark("archive-test", "local[1]", conf, cache_dir=sys.argv[1])
+    jvm = spark.sparkContext._jvm
+    args = list(jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
+    n = spark.read.parquet(sys.argv[1] + "/t.parquet").count()
+    print(json.dumps({"args": args, "rows": n}))
+    spark.stop()
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_first_driver_records_an_archive_the_next_one_starts_from(tmp_path: Path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if archive_key({}) is None:
+        pytest.skip("no java binary")
+    pq.write_table(pa.table({"x": list(range(5))}), tmp_path / "t.parquet")
+
+    def run(*extra: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, "-c", SESSION, str(tmp_path), *extra],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        # the JVM may print after it (the dump at exit)
+        return json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("{")))
+
+    first = run()
+    assert "-XX:+RecordDynamicDumpInfo" in first["args"] and first["rows"] == 5
+    archives = list(tmp_path.glob("spark-driver-*.jsa"))
+    assert len(archives) == 1 and archives[0].stat().st_size > 1 << 20
+    # the lock is gone and no partial file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([archives[0].name, "t.parquet"])
+    # -Xshare:on: the JVM fails to start unless it maps the archive
+    second = run("-Xshare:on")
+    assert f"-XX:SharedArchiveFile={archives[0]}" in second["args"]
+    assert "-Xshare:on" in second["args"] and second["rows"] == 5
