@@ -629,7 +629,8 @@ def _build(
         art = fit_artifacts(spark, spec, cfg, tables, now_ms, sessions)
     else:
         try:
-            art = arts.load(tables.artifacts, spec)
+            # the build joins the vocabulary files; their Python dicts are for serving
+            art = arts.load(tables.artifacts, spec, with_vocabs=False)
         except FileNotFoundError:
             log.info("no fitted preprocessing yet: fitting it from the source's training window")
             art = fit_artifacts(spark, spec, cfg, tables, now_ms)
@@ -694,6 +695,13 @@ def _build(
         days = user_days(spec, out).persist(StorageLevel.MEMORY_AND_DISK)
         log.info("running features of %d rows at %.1fs", n_out, time.time() - t0)
     info = {"run": mode}
+    # The user-day rows (a few per user and day) and the rejected rows are small: written by
+    # as many tasks as the kernel has, they made a file per task and date, and a nightly
+    # run's read of the pseudo-label window (29 days x 4 files in the benchmark) a Spark
+    # listing job of its own (above 32 paths).
+    n_days = n_out - len(files) if sink is not None else None
+    daily = _few_files(daily_aggregates(spec, days), n_days)
+    rejected_rows = _few_files(rejected, n_rej)
 
     def write_examples(replace: dict[str, list[str]] | None) -> None:
         if sink is not None:
@@ -717,7 +725,7 @@ def _build(
         dates = sorted(r["date"] for r in days.select("date").distinct().collect())
         write_examples(None)
         delta_io.write_delta(
-            rejected,
+            rejected_rows,
             tables.rejected,
             partition_by=["date"],
             mode="overwrite",
@@ -725,7 +733,7 @@ def _build(
             commit_info=info,
         )
         delta_io.write_delta(
-            daily_aggregates(spec, days),
+            daily,
             tables.user_daily,
             partition_by=["date"],
             mode="overwrite",
@@ -753,7 +761,7 @@ def _build(
         write_examples(rep)
         rej_dates = [date] + (["unparsed"] if not spec.source.per_date else [])
         delta_io.write_delta(
-            rejected.where(F.col("date").isin(rej_dates)),
+            rejected_rows.where(F.col("date").isin(rej_dates)),
             tables.rejected,
             partition_by=["date"],
             mode="overwrite",
@@ -762,7 +770,7 @@ def _build(
             commit_info=info,
         )
         delta_io.write_delta(
-            daily_aggregates(spec, days),
+            daily,
             tables.user_daily,
             partition_by=["date"],
             mode="overwrite",
@@ -808,6 +816,19 @@ def _build(
     for frame in (*validated.cached, rejected, out, days):
         frame.unpersist()
     return summary
+
+
+# Rows of a small table per file: user-day and rejected rows are a few dozen bytes each.
+SMALL_TABLE_ROWS_PER_FILE = 2_000_000
+
+
+def _few_files(df: DataFrame, rows: int | None) -> DataFrame:
+    """``df`` in as few partitions as its ``rows`` fill at `SMALL_TABLE_ROWS_PER_FILE`;
+    unchanged where the count is not known. A shuffle of the few rows, not a coalesce: that
+    would scan the whole frame they are filtered from (the cached events) in one task."""
+    if rows is None:
+        return df
+    return df.repartition(max(1, -(-rows // SMALL_TABLE_ROWS_PER_FILE)))
 
 
 def _chain_file(tables: Tables) -> Path:

@@ -299,3 +299,16 @@ def test_a_gap_in_the_nightly_chain_is_an_error(spark, spec, nightly_lake: Table
 
     with pytest.raises(BuildError, match="no snapshot for 2022-05-02"):
         build(spark, spec, _cfg(nightly_lake.root.parent), date="2022-05-03")
+
+
+def test_small_tables_are_one_file_per_date(full_lake: Tables, nightly_lake: Tables) -> None:
+    """The user-day and rejected rows (a few thousand a day here) are written as one file per
+    date, not one per kernel task (3 here): a nightly run reads 29 days of user_daily, and
+    Spark lists more than 32 files in a job of its own."""
+    for tables in (full_lake, nightly_lake):
+        for path in (tables.user_daily, tables.rejected):
+            per_date: dict[str, int] = {}
+            for f in DeltaTable(path).file_uris():
+                date = Path(f).parent.name.removeprefix("date=")
+                per_date[date] = per_date.get(date, 0) + 1
+            assert per_date and set(per_date.values()) == {1}, (path, per_date)
