@@ -86,9 +86,11 @@ def archive_key(conf: dict[str, str]) -> str | None:
     java = _java()
     if java is None:
         return None
-    jars = sorted((_spark_home() / "jars").glob("*.jar"))
+    home = _spark_home()
+    jars = sorted((home / "jars").glob("*.jar"))
     st = java.stat()
-    parts = [pyspark.__version__, str(java), str(st.st_size), str(st.st_mtime_ns)]
+    # the JVM compares the class path's strings: another install's jars need their own
+    parts = [pyspark.__version__, str(java), str(st.st_size), str(st.st_mtime_ns), str(home)]
     parts += [f"{j.name}:{j.stat().st_size}" for j in jars]
     parts += [
         conf.get(k, "")

@@ -46,6 +46,22 @@ def test_archive_key_follows_the_class_path():
     assert archive_key({"spark.driver.extraClassPath": "/opt/x.jar"}) != base
 
 
+def test_archive_key_names_the_spark_install(tmp_path: Path, monkeypatch):
+    """A second virtual environment's Spark (the same jars at another path) gets its own
+    archive: the JVM would refuse the first one's class path, silently."""
+    import pipelines.spark as ps
+
+    base = archive_key({})
+    if base is None:
+        pytest.skip("no java binary")
+    (tmp_path / "jars").mkdir()
+    for jar in (ps._spark_home() / "jars").glob("*.jar"):
+        with open(tmp_path / "jars" / jar.name, "wb") as f:
+            f.truncate(jar.stat().st_size)
+    monkeypatch.setattr(ps, "_spark_home", lambda: tmp_path)
+    assert archive_key({}) != base
+
+
 def test_one_process_records_at_a_time_and_a_stale_recording_is_taken_over(tmp_path: Path):
     if archive_key({}) is None:
         pytest.skip("no java binary")
