@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    spark = spark_session(cfg.spark, cfg.spark.app_name)
+    spark = spark_session(cfg.spark)
     try:
         for d in dates:
             summary = build(spark, spec, cfg, date=d)

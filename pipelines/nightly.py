@@ -99,7 +99,7 @@ def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
         if spark is None:
             from pipelines.spark import spark_session
 
-            spark = spark_session(cfg.spark, cfg.spark.app_name)
+            spark = spark_session(cfg.spark)
         return spark
 
     run_dir = Path(opts.runs_dir) / opts.date

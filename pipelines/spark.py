@@ -101,7 +101,7 @@ def archive_key(conf: dict[str, str]) -> str | None:
 
 def archive_path(conf: dict[str, str], cache_dir: Path | None = None) -> Path | None:
     """Where the class-data archive of a driver with ``conf`` is kept (it may not exist)."""
-    key = archive_key({**DEFAULT_CONF, **conf})
+    key = archive_key(conf)
     return None if key is None else (cache_dir or default_cache_dir()) / f"spark-driver-{key}.jsa"
 
 
@@ -267,7 +267,8 @@ def get_spark(
             "no JVM class-data archive for this Spark and Java yet: recording one, written "
             "when this process exits (once)"
         )
-        # before PySpark's own exit hook stops the JVM (atexit runs the last registered first)
+        # at exit the JVM has loaded what the jobs used; it lives until this process ends
+        # (it exits when its stdin closes), so the dump runs before that
         atexit.register(archive.dump, spark)
     return spark
 
