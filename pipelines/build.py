@@ -172,7 +172,7 @@ def read_validated(
         unread = raws[0]
         for r in raws[1:]:
             unread = unread.unionByName(r)
-        raw, files = index_files(unread, src.path)
+        raw, files = index_files(unread, src.path, src.timezone)
     else:
         unread = read_raw(spark, src)
         raw, files = index_files(unread)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import zoneinfo
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -100,6 +101,17 @@ class LogSource(TableSource):
     # Exact duplicate rows go to `rejected` (reason exact_duplicate) unless this is false.
     reject_exact_duplicates: bool = True
     events: EventsShape | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_known(cls, v: str) -> str:
+        # Day bounds are computed in Python (nightly windows, per-date files): an IANA name
+        # that both Python and Spark read, not an offset such as "+08:00".
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"{v!r}: not an IANA time zone name (e.g. UTC, Asia/Shanghai)") from e
+        return v
 
     @model_validator(mode="after")
     def _shape_consistent(self) -> LogSource:

@@ -319,7 +319,15 @@ def test_file_index_names_each_rows_file_and_its_date(spark, tmp_path):
     URI-encoded names (a space, a percent sign, non-ASCII) included."""
     from pyspark.sql import functions as F
 
-    from pipelines.source import FILE, FILE_DATE, FILE_IDX, file_date_regex, index_files
+    from pipelines.source import (
+        FILE,
+        FILE_DATE,
+        FILE_DAY_END,
+        FILE_DAY_START,
+        FILE_IDX,
+        file_date_regex,
+        index_files,
+    )
 
     root = tmp_path / "log dir"
     names = {
@@ -333,7 +341,18 @@ def test_file_index_names_each_rows_file_and_its_date(spark, tmp_path):
     template = str(root / "date={date}")
     raw = spark.read.parquet(str(root / "date=*")).select("x", F.input_file_name().alias(FILE))
     got, files = index_files(raw, template)
-    assert got.columns == ["x", FILE_IDX, FILE_DATE]
+    assert got.columns == ["x", FILE_IDX, FILE_DATE, FILE_DAY_START, FILE_DAY_END]
+    # each dated file's day as epoch-ms bounds (UTC here): 2022-04-25 starts at 1650844800 s
+    bounds = {
+        r[FILE_DATE]: (r[FILE_DAY_START], r[FILE_DAY_END])
+        for r in got.select(FILE_DATE, FILE_DAY_START, FILE_DAY_END).distinct().collect()
+    }
+    day = 86_400_000
+    assert bounds == {
+        "2022-04-25": (1_650_844_800_000, 1_650_844_800_000 + day),
+        "2022-04-26": (1_650_844_800_000 + day, 1_650_844_800_000 + 2 * day),
+        None: (None, None),
+    }
     names = sorted({r[FILE] for r in raw.collect()})
     assert [(r[FILE_IDX], r[FILE]) for r in files.orderBy(FILE_IDX).collect()] == list(
         enumerate(names)
@@ -348,6 +367,31 @@ def test_file_index_names_each_rows_file_and_its_date(spark, tmp_path):
     assert [r[FILE_DATE] for r in rows] == [r["per_row"] for r in rows]
     assert sorted(r[FILE_DATE] for r in rows if r[FILE_DATE]) == ["2022-04-25"] + 2 * ["2022-04-26"]
     assert sum(r[FILE_DATE] is None for r in rows) == 3
+
+
+def test_file_day_bounds_agree_with_sparks_calendar_day(spark):
+    """Validation checks a per-date row's time against its file's day bounds instead of
+    formatting the row's day: both must put every instant on the same day, at the bounds
+    themselves, in zones ahead of and behind UTC, and on days 23 and 25 hours long (DST)."""
+    from pyspark.sql import functions as F
+
+    from pipelines.source import _day_bounds, day_string
+
+    cases = [
+        ("Asia/Shanghai", "2022-05-01"),
+        ("America/New_York", "2022-03-13"),  # 23 hours
+        ("America/New_York", "2022-11-06"),  # 25 hours
+        ("UTC", "2022-05-01"),
+    ]
+    for tz, date in cases:
+        start, end = _day_bounds(date, tz)
+        assert end - start in (23 * 3_600_000, 24 * 3_600_000, 25 * 3_600_000)
+        times = [start - 1, start, start + 1, end - 1, end, end + 1]
+        rows = spark.createDataFrame([(t,) for t in times], "t long")
+        days = [r[0] for r in rows.select(day_string(F.col("t"), tz)).collect()]
+        inside = [start <= t < end for t in times]
+        assert [d == date for d in days] == inside, (tz, date, days)
+    assert _day_bounds("2022-13-40", "UTC") == (0, 0)  # a name's date that is no day
 
 
 # --------------------------------------------------------------------------- whole-file errors
