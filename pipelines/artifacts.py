@@ -319,6 +319,34 @@ def _weighed_moments(
     return out
 
 
+def row_aggregates(
+    spec: FeatureSpec, side_features: set[str], where: Column | None = None
+) -> dict[str, Column]:
+    """The fit's aggregates over the training rows themselves, by name: mean and population
+    standard deviation of each dense feature the rows carry (not those of ``side_features``,
+    which the fit weighs from their tables), each dwell task's minimum and each binary task's
+    mean. ``where``: only rows where it holds count, so that a caller can compute them in a
+    job over more rows than the training window's (the build's statistics job)."""
+
+    def only(x: Column) -> Column:
+        return x if where is None else F.when(where, x)
+
+    aggs: dict[str, Column] = {}
+    for f in spec.dense_features:
+        if f.name in side_features:
+            continue
+        x = only(_dense_pre(F.col(f.name), f.transform, f.fill))
+        aggs[f"m_{f.name}"] = F.avg(x)
+        aggs[f"s_{f.name}"] = F.stddev_pop(x)
+    for t in spec.tasks:
+        label = F.col(f"label_{t.name}")
+        if t.kind == TaskKind.DWELL:
+            aggs[f"min_{t.name}"] = F.min(only(label))
+        else:
+            aggs[f"mean_{t.name}"] = F.avg(only(label.cast("double")))
+    return {name: agg.alias(name) for name, agg in aggs.items()}
+
+
 def bin_index(col: Column, boundaries: list[float]) -> Column:
     """Number of boundaries <= value: bins [-inf, b0), [b0, b1), ..., [b_last, inf)."""
     expr = F.lit(0)
@@ -332,6 +360,7 @@ def fit(
     train_rows: DataFrame,
     out_dir: Path,
     sides: list[SideLookup] | None = None,
+    row_stats: dict[str, float | None] | None = None,
 ) -> Artifacts:
     """Fit on rows of the training window (labels in source units) and the side tables their
     ids join (``sides``; without them, ``train_rows`` carries every feature).
@@ -340,7 +369,9 @@ def fit(
     It is scanned twice: one group-by counts the vocabularies' values, the dwell values and the
     rows per date (`count_values`), one aggregate takes the dense statistics and label means (a
     third scan only where the dwell values are too many for exact boundaries). The caller
-    should pass a filter of a persisted frame, or one cheap to recompute.
+    should pass a filter of a persisted frame, or one cheap to recompute. ``row_stats``: that
+    aggregate's values (`row_aggregates` over these rows), where the caller computed them in a
+    job of its own; the fit then scans the rows once.
 
     A side table's features are fitted on the table itself, each row weighed by how many
     training rows its id has (that id's count, which the id's vocabulary counts anyway), so the
@@ -403,7 +434,7 @@ def fit(
         counts = row_counts
     try:
         return _fit_from_counts(
-            spec, train_rows, counts, tables, dwell, out_dir, vocab_dir, sides, integral
+            spec, train_rows, counts, tables, dwell, out_dir, vocab_dir, sides, integral, row_stats
         )
     finally:
         for frame in cached:
@@ -434,6 +465,7 @@ def _fit_from_counts(
     vocab_dir: Path,
     sides: list[SideLookup],
     integral: dict[str, bool],
+    row_stats: dict[str, float | None] | None,
 ) -> Artifacts:
     per_date = {
         r["str"]: r["count"]
@@ -473,18 +505,15 @@ def _fit_from_counts(
         vocab_sizes[table] = len(pdf) + 1
 
     # Dense statistics of the rows' own features, dwell minima and binary label means in one
-    # aggregate; a side table's dense features from the table, weighed.
+    # aggregate (or the caller's, `row_aggregates`); a side table's dense features from the
+    # table, weighed.
     side_of = {name: side for side in sides for name in side.features}
-    aggs = []
-    for f in spec.dense_features:
-        if f.name in side_of:
-            continue
-        x = _dense_pre(F.col(f.name), f.transform, f.fill)
-        aggs += [F.avg(x).alias(f"m_{f.name}"), F.stddev_pop(x).alias(f"s_{f.name}")]
-    aggs += [F.min(f"label_{t.name}").alias(f"min_{t.name}") for t in dwell]
+    aggs = row_aggregates(spec, set(side_of))
     binary = [t for t in spec.tasks if t.kind == TaskKind.BINARY]
-    aggs += [F.avg(F.col(f"label_{t.name}").cast("double")).alias(f"mean_{t.name}") for t in binary]
-    row = train_rows.agg(*aggs).first().asDict() if aggs else {}
+    if row_stats is not None and all(n in row_stats for n in aggs):
+        row = {n: row_stats[n] for n in aggs}
+    else:
+        row = train_rows.agg(*aggs.values()).first().asDict() if aggs else {}
     feats = {
         id(side): [f for f in spec.dense_features if side_of.get(f.name) is side] for side in sides
     }

@@ -552,9 +552,10 @@ def fit_artifacts(
     tables: Tables,
     now_ms: int,
     rows: DataFrame | None = None,
+    row_stats: dict[str, float | None] | None = None,
 ) -> arts.Artifacts:
     """Fit on the training window of ``rows`` (`session_rows` of every day) and the side
-    tables, or of the whole source."""
+    tables, or of the whole source; ``row_stats``: `arts.fit`'s, computed by the caller."""
     cached: tuple[DataFrame, ...] = ()
     if rows is None:
         validated, _ = read_validated(spark, spec, cfg, None, now_ms)
@@ -565,7 +566,7 @@ def fit_artifacts(
         train = rows.where(_in_train(spec))
     log.info("fitting vocabularies, dense statistics and dwell bins on the training window")
     try:
-        return arts.fit(spec, train, tables.artifacts, side_lookups(spark, spec))
+        return arts.fit(spec, train, tables.artifacts, side_lookups(spark, spec), row_stats)
     finally:
         for frame in cached:
             frame.unpersist()
@@ -620,13 +621,22 @@ def _build(
     # the fit read the sessions alone (`arts.fit` weighs the side tables' values by each id's
     # count of rows).
     sessions = session_rows(spec, validated.accepted)
-    stats = _example_stats(spec, sessions)
+    # A full run's fit takes its dense statistics and label means from this job too (a scan of
+    # the 7.7M cached sessions less at 10M events, 2.5 s).
+    fit_aggs: dict[str, Column] = {}
+    if date is None:
+        side_features = {name for side in side_lookups(spark, spec) for name in side.features}
+        fit_aggs = arts.row_aggregates(spec, side_features, where=_in_train(spec))
+    stats = _example_stats(
+        spec, sessions, [agg.alias(f"_fit_{name}") for name, agg in fit_aggs.items()]
+    )
     _side_tables_checked()
     reasons, n_actions = _tally(validated, rejected)
     n_acc, n_rej = stats["_rows"], sum(reasons.values())
     log.info("validated: %d sessions accepted, %d rows rejected", n_acc, n_rej)
     if date is None:
-        art = fit_artifacts(spark, spec, cfg, tables, now_ms, sessions)
+        row_stats = {name: stats[f"_fit_{name}"] for name in fit_aggs}
+        art = fit_artifacts(spark, spec, cfg, tables, now_ms, sessions, row_stats)
     else:
         try:
             # the build joins the vocabulary files; their Python dicts are for serving
@@ -934,15 +944,16 @@ def _tally(validated: ValidatedSource, rejected: DataFrame) -> tuple[dict[str, i
     return reasons, validated.actions.count() if validated.actions is not None else 0
 
 
-def _example_stats(spec: FeatureSpec, sessions: DataFrame) -> Row:
+def _example_stats(spec: FeatureSpec, sessions: DataFrame, extra: list[Column]) -> Row:
     """One job over the run's examples (before the kernel): their count, distinct items, label
-    rates and split sizes."""
+    rates and split sizes, and the ``extra`` aggregates (a full run's fit statistics)."""
     split = _split_col(spec)
     return sessions.agg(
         F.count(F.lit(1)).alias("_rows"),
         F.countDistinct("item_id").alias("items"),
         *[F.avg(F.col(f"label_{t.name}").cast("double")).alias(t.name) for t in spec.tasks],
         *[F.count_if(split == s).alias(f"_split_{s}") for s in SPLITS],
+        *extra,
     ).first()
 
 

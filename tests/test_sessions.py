@@ -470,6 +470,27 @@ def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
         assert got.dense[f].mean == pytest.approx(stats.mean, rel=1e-12), f
         assert got.dense[f].std == pytest.approx(stats.std, rel=1e-12), f
 
+    # The build computes the fit's own aggregates in its statistics job, over every session
+    # with the training window as a condition: the same artifacts, and the fit uses them.
+    side_features = {name for side in sides for name in side.features}
+    aggs = arts.row_aggregates(spec, side_features, where=_in_train(spec))
+    row_stats = sessions.agg(*aggs.values()).first().asDict()
+    assert set(row_stats) == {"min_dwell", "mean_click", "mean_purchase"}
+    folded = arts.fit(spec, sessions.where(_in_train(spec)), tmp_path / "f", sides, row_stats)
+    assert folded.to_json() == got.to_json() and folded.vocabs == got.vocabs
+    shifted = arts.fit(
+        spec,
+        sessions.where(_in_train(spec)),
+        tmp_path / "s",
+        sides,
+        shifted_stats := {**row_stats, "mean_click": 0.5},
+    )
+    assert shifted.global_means["click"] == 0.5
+    # without one of them it takes them all from the rows
+    partial = {k: v for k, v in shifted_stats.items() if k != "min_dwell"}
+    again = arts.fit(spec, sessions.where(_in_train(spec)), tmp_path / "p", sides, partial)
+    assert again.to_json() == got.to_json()
+
     def applied(df) -> pd.DataFrame:
         cols = ["example_id", "user_idx", "item_idx", "label_dwell_bin"]
         cols += [f.name for f in spec.categorical_features + spec.dense_features]
