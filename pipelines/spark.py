@@ -89,9 +89,11 @@ def archive_key(conf: dict[str, str]) -> str | None:
     home = _spark_home()
     jars = sorted((home / "jars").glob("*.jar"))
     st = java.stat()
-    # the JVM compares the class path's strings: another install's jars need their own
+    # The JVM compares the class path's strings and each jar's size and modification time:
+    # another install's jars, or the same ones installed again (a rebuilt virtual environment
+    # at the same path), need their own archive; the old one would be refused, silently.
     parts = [pyspark.__version__, str(java), str(st.st_size), str(st.st_mtime_ns), str(home)]
-    parts += [f"{j.name}:{j.stat().st_size}" for j in jars]
+    parts += [f"{j.name}:{j.stat().st_size}:{j.stat().st_mtime_ns}" for j in jars]
     parts += [
         conf.get(k, "")
         for k in ("spark.jars", "spark.jars.packages", "spark.driver.extraClassPath")

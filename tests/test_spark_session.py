@@ -62,6 +62,28 @@ def test_archive_key_names_the_spark_install(tmp_path: Path, monkeypatch):
     assert archive_key({}) != base
 
 
+def test_archive_key_follows_the_jars_modification_times(tmp_path: Path, monkeypatch):
+    """The same jars installed again at the same path (a rebuilt virtual environment) get a new
+    archive: the JVM checks each jar's modification time and refused the old one ("A jar file
+    is not the one used while building the shared archive file"), so every later driver
+    started without sharing."""
+    import os
+
+    import pipelines.spark as ps
+
+    if archive_key({}) is None:
+        pytest.skip("no java binary")
+    (tmp_path / "jars").mkdir()
+    for name in ("a.jar", "b.jar"):
+        (tmp_path / "jars" / name).write_bytes(b"x" * 10)
+        os.utime(tmp_path / "jars" / name, ns=(1_700_000_000 * 10**9,) * 2)
+    monkeypatch.setattr(ps, "_spark_home", lambda: tmp_path)
+    base = archive_key({})
+    assert archive_key({}) == base
+    os.utime(tmp_path / "jars" / "b.jar", ns=(1_700_000_001 * 10**9,) * 2)
+    assert archive_key({}) != base
+
+
 def test_one_process_records_at_a_time_and_a_stale_recording_is_taken_over(tmp_path: Path):
     if archive_key({}) is None:
         pytest.skip("no java binary")
