@@ -57,6 +57,8 @@ DRIVER_JAVA_OPTIONS = ["-XX:+UseParallelGC"]
 DRIVER_OPTIONS_KEY = "spark.driver.extraJavaOptions"
 # A recording left behind by a process that died is taken over after this long.
 STALE_RECORDING_S = 3600
+# An archive no driver has started from for this long is removed when another is written.
+UNUSED_ARCHIVE_S = 30 * 86_400
 
 
 def default_cache_dir() -> Path:
@@ -139,6 +141,11 @@ class ClassArchive:
         if path is None:
             return None
         if path.exists():
+            try:
+                # its modification time says when it was last used (`prune_archives`)
+                os.utime(path)
+            except OSError:
+                pass
             return cls(path)
         cache_dir.mkdir(parents=True, exist_ok=True)
         archive = cls(path, recording=True)
@@ -174,6 +181,7 @@ class ClassArchive:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            prune_archives(self.path.parent, keep=self.path)
             log.info(
                 "JVM class-data archive written to %s in %.1fs (%d MB): later local Spark "
                 "sessions start from it",
@@ -188,6 +196,24 @@ class ClassArchive:
         finally:
             tmp.unlink(missing_ok=True)
             self.lock.unlink(missing_ok=True)
+
+
+def prune_archives(cache_dir: Path, keep: Path, now: float | None = None) -> list[Path]:
+    """Remove the archives of ``cache_dir`` no driver has started from for
+    `UNUSED_ARCHIVE_S` (each is 100-140 MB, and every new Spark, Java or rebuilt environment
+    records its own), and temporary dumps a killed process left; ``keep`` stays. A driver that
+    has one mapped keeps it: the file goes when it exits. Returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for f in [*cache_dir.glob("spark-driver-*.jsa"), *cache_dir.glob("spark-driver-*.jsa.*.tmp")]:
+        limit = UNUSED_ARCHIVE_S if f.suffix == ".jsa" else STALE_RECORDING_S
+        try:
+            if f != keep and now - f.stat().st_mtime > limit:
+                f.unlink()
+                removed.append(f)
+        except OSError:
+            continue
+    return removed
 
 
 def _diagnostic_command(spark: SparkSession, operation: str, command: str) -> str:

@@ -67,8 +67,6 @@ def test_archive_key_follows_the_jars_modification_times(tmp_path: Path, monkeyp
     archive: the JVM checks each jar's modification time and refused the old one ("A jar file
     is not the one used while building the shared archive file"), so every later driver
     started without sharing."""
-    import os
-
     import pipelines.spark as ps
 
     if archive_key({}) is None:
@@ -82,6 +80,55 @@ def test_archive_key_follows_the_jars_modification_times(tmp_path: Path, monkeyp
     assert archive_key({}) == base
     os.utime(tmp_path / "jars" / "b.jar", ns=(1_700_000_001 * 10**9,) * 2)
     assert archive_key({}) != base
+
+
+def test_archives_unused_for_a_month_are_pruned_and_a_used_one_is_kept(tmp_path: Path):
+    """Every Spark, Java or rebuilt environment records its own archive (100-140 MB): those no
+    driver started from for 30 days, and temporary dumps of killed recorders, are removed when
+    a new archive is written; starting from an archive counts as a use."""
+    from pipelines.spark import UNUSED_ARCHIVE_S, ClassArchive, archive_path, prune_archives
+
+    now = 1_800_000_000.0
+    files = {
+        name: tmp_path / name
+        for name in (
+            "spark-driver-old.jsa",
+            "spark-driver-recent.jsa",
+            "spark-driver-new.jsa",
+            "spark-driver-new.jsa.0123.tmp",
+            "spark-driver-other.jsa.4567.tmp",
+            "unrelated.jsa",
+        )
+    }
+    for f in files.values():
+        f.write_bytes(b"x")
+    day = 86_400
+    ages = {"spark-driver-old.jsa": 31 * day, "spark-driver-recent.jsa": 29 * day}
+    ages |= {"spark-driver-new.jsa": 40 * day, "spark-driver-new.jsa.0123.tmp": 2 * day}
+    ages |= {"spark-driver-other.jsa.4567.tmp": 60, "unrelated.jsa": 90 * day}
+    for name, age in ages.items():
+        os.utime(files[name], (now - age, now - age))
+    removed = prune_archives(tmp_path, keep=files["spark-driver-new.jsa"], now=now)
+    assert sorted(p.name for p in removed) == [
+        "spark-driver-new.jsa.0123.tmp",
+        "spark-driver-old.jsa",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "spark-driver-new.jsa",
+        "spark-driver-other.jsa.4567.tmp",  # a recorder may still be writing it
+        "spark-driver-recent.jsa",
+        "unrelated.jsa",
+    ]
+
+    path = archive_path({}, tmp_path)
+    if path is None:
+        pytest.skip("no java binary")
+    path.write_bytes(b"x")
+    old = time.time() - UNUSED_ARCHIVE_S - day
+    os.utime(path, (old, old))
+    archive = ClassArchive.for_conf({}, tmp_path)
+    assert archive is not None and not archive.recording
+    assert time.time() - path.stat().st_mtime < 60  # used now: not pruned for 30 days
 
 
 def test_one_process_records_at_a_time_and_a_stale_recording_is_taken_over(tmp_path: Path):
