@@ -623,9 +623,10 @@ def _build(
     sessions = session_rows(spec, validated.accepted)
     # A full run's fit takes its dense statistics and label means from this job too (a scan of
     # the 7.7M cached sessions less at 10M events, 2.5 s).
+    sides = side_lookups(spark, spec)
     fit_aggs: dict[str, Column] = {}
     if date is None:
-        side_features = {name for side in side_lookups(spark, spec) for name in side.features}
+        side_features = {name for side in sides for name in side.features}
         fit_aggs = arts.row_aggregates(spec, side_features, where=_in_train(spec))
     stats = _example_stats(
         spec, sessions, [agg.alias(f"_fit_{name}") for name, agg in fit_aggs.items()]
@@ -655,7 +656,7 @@ def _build(
 
     # Not persisted: the rows go once through the kernel's shuffle; its output is persisted
     # and every table and the summary read it.
-    rows = arts.apply(spec, sessions, art, side_lookups(spark, spec))
+    rows = arts.apply(spec, sessions, art, sides)
     rows = with_kernel_columns(spec, rows, art)
     rows = rows.withColumn("split", _split_col(spec))
     pseudo = None
