@@ -397,11 +397,12 @@ def test_dwell_boundaries_are_the_inverted_cdf(spark, max_distinct):
             assert dict(zip(*exact[name], strict=True)) == dict(zip(values, counts, strict=True))
 
 
+@pytest.mark.parametrize("on_driver", [True, False], ids=["driver", "spark"])
 @pytest.mark.parametrize(
     "shared", [[], ["user.categorical.1.table=shared", "item.categorical.0.table=shared"]]
 )
 def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
-    spark, tmp_path, shared
+    spark, tmp_path, monkeypatch, shared, on_driver
 ):
     """The fit weighs a side table's values by each id's count of training rows, and apply maps
     them on the table before joining: vocabularies, dense statistics and every applied column
@@ -413,6 +414,10 @@ def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
     from pipelines import artifacts as arts
     from pipelines.build import _in_train
 
+    if not on_driver:
+        # the fit ranks the vocabularies and weighs the side tables' moments in Spark
+        monkeypatch.setattr(arts, "DRIVER_RANK_MAX_VALUES", 0)
+        monkeypatch.setattr(arts, "DRIVER_MOMENTS_MAX_ROWS", 0)
     spec = load_spec(REPO / "feature_specs" / "synthetic.yaml", overrides=shared)
     rng = np.random.default_rng(11)
     n = 3000
@@ -545,6 +550,48 @@ def test_fit_counts_are_pandas_value_counts(spark):
     assert part(DWELL, "stay", "dbl") == pdf["label_stay"].value_counts().to_dict()
     assert part(DATE, "", "str") == pdf["date"].value_counts().to_dict()
     assert len(got) == len(node) + 3 + pdf["label_stay"].nunique() + 2
+
+
+@pytest.mark.parametrize("max_driver_values", [5_000_000, 0], ids=["driver", "spark"])
+def test_vocabularies_rank_by_count_then_value(spark, max_driver_values):
+    """`rank_vocabularies` against pandas: values counted at least min_count times, the
+    max_vocab most frequent, ties broken by the value as a string (an integer table's 10
+    before 9), indices from 1; the same whether the driver ranks them or a Spark window."""
+    from pipelines.artifacts import count_values, rank_vocabularies
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    pdf = pd.DataFrame(
+        {
+            # few values, many ties of count; every value of 0..39 at least once
+            "node": np.r_[np.arange(40), rng.integers(0, 40, n - 40)],
+            "city": rng.choice([f"c{i}" for i in range(30)] + ["\u00e9", "Z", "a"], n),
+        }
+    )
+    df = spark.createDataFrame(pdf)
+    counts = count_values(df, vocab={"node": (["node"], True), "city": (["city"], False)})
+    limits = {"node": (25, 1), "city": (1000, 120)}
+    got = rank_vocabularies(counts, limits, max_driver_values=max_driver_values)
+
+    def want(col: str, max_vocab: int, min_count: int) -> pd.DataFrame:
+        vc = pdf[col].astype(str).value_counts()
+        vc = vc[vc >= min_count]
+        order = sorted(vc.items(), key=lambda kv: (-kv[1], kv[0].encode()))[:max_vocab]
+        return pd.DataFrame(
+            {
+                "value": [v for v, _ in order],
+                "idx": np.arange(1, len(order) + 1, dtype=np.int32),
+                "count": np.array([c for _, c in order], dtype=np.int64),
+            }
+        )
+
+    for table, (max_vocab, min_count) in limits.items():
+        expected = want(table, max_vocab, min_count)
+        pd.testing.assert_frame_equal(got[table].to_pandas(), expected, check_dtype=True)
+    assert len(got["node"]) == 25  # capped
+    # ties among the counted node values are common here, so their order is exercised
+    assert pdf["node"].value_counts().duplicated().any()
+    assert 0 < len(got["city"]) < pdf["city"].nunique()  # min_count dropped some
 
 
 @pytest.mark.slow
