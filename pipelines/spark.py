@@ -9,6 +9,7 @@ import atexit
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -256,6 +257,43 @@ def driver_java_options(user: str | None, archive: ClassArchive | None) -> str:
     return " ".join([*ours, *([user] if user else [])])
 
 
+def bundled_pyspark_matches(spark_home: Path) -> bool:
+    """Whether ``spark_home``'s ``python/lib/pyspark.zip`` (what Spark puts first on the Python
+    workers' path) holds the same PySpark version as the package this process imported."""
+    import zipfile
+
+    import pyspark
+
+    bundled = spark_home / "python" / "lib" / "pyspark.zip"
+    try:
+        with zipfile.ZipFile(bundled) as z:
+            text = z.read("pyspark/version.py").decode()
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False
+    found = re.search(r"__version__\s*(?::\s*str)?\s*=\s*[\"']([^\"']+)[\"']", text)
+    return found is not None and found.group(1) == pyspark.__version__
+
+
+# `pipelines.pyspark_daemon`: workers of a local driver import pyspark from the installed package
+DAEMON_MODULE_KEY = "spark.python.daemon.module"
+WORKER_PATH_KEY = "spark.executorEnv.PYTHONPATH"
+
+
+def local_worker_conf(conf: dict[str, str], spark_home: Path) -> dict[str, str]:
+    """What a local master's conf gains so that its Python workers import pyspark from the
+    installed package, not Spark's zip (`pipelines.pyspark_daemon`): our daemon module, and
+    this project's root on the workers' path so that they can import it. Nothing where the
+    user names a daemon module, or where the zip holds another version than the package."""
+    if DAEMON_MODULE_KEY in conf or not bundled_pyspark_matches(spark_home):
+        return {}
+    root = str(Path(__file__).resolve().parents[1])
+    path = [p for p in conf.get(WORKER_PATH_KEY, "").split(os.pathsep) if p]
+    return {
+        DAEMON_MODULE_KEY: "pipelines.pyspark_daemon",
+        WORKER_PATH_KEY: os.pathsep.join([root, *[p for p in path if p != root]]),
+    }
+
+
 def get_spark(
     app_name: str = "lifecycle-mtl",
     master: str | None = "local[*]",
@@ -281,6 +319,8 @@ def get_spark(
                 merged, Path(cache_dir) if cache_dir else default_cache_dir()
             )
         merged[DRIVER_OPTIONS_KEY] = driver_java_options(merged.get(DRIVER_OPTIONS_KEY), archive)
+        if master and master.startswith("local"):
+            merged |= local_worker_conf(merged, _spark_home())
     for k, v in merged.items():
         builder = builder.config(k, v)
     try:

@@ -197,3 +197,53 @@ def test_the_first_driver_records_an_archive_the_next_one_starts_from(tmp_path: 
     second = run("-Xshare:on")
     assert f"-XX:SharedArchiveFile={archives[0]}" in second["args"]
     assert "-Xshare:on" in second["args"] and second["rows"] == 5
+
+
+def test_local_python_workers_import_the_installed_pyspark(spark):
+    """A local driver's Python workers import the pyspark package this process imported, with
+    its cached bytecode, not the copy in Spark's pyspark.zip (`pipelines.pyspark_daemon`)."""
+    import pyarrow as pa
+    import pyspark
+
+    def where_from(batches):
+        import sys
+
+        import pyspark as worker_pyspark
+
+        for _ in batches:
+            zips = [p for p in sys.path if p.endswith("pyspark.zip")]
+            yield pa.RecordBatch.from_pydict({"file": [worker_pyspark.__file__], "zips": [zips]})
+
+    rows = spark.range(2).mapInArrow(where_from, "file string, zips array<string>").collect()
+    assert rows and all(r["file"] == pyspark.__file__ and r["zips"] == [] for r in rows)
+
+
+def test_workers_keep_sparks_daemon_unless_the_zip_is_the_installed_pyspark(tmp_path: Path):
+    import zipfile
+
+    import pyspark
+
+    from pipelines.pyspark_daemon import without_bundled_pyspark
+    from pipelines.spark import DAEMON_MODULE_KEY, WORKER_PATH_KEY, local_worker_conf
+
+    root = str(Path(__file__).resolve().parents[1])
+
+    def home(version: str | None) -> Path:
+        h = tmp_path / str(version)
+        (h / "python" / "lib").mkdir(parents=True)
+        if version is not None:
+            with zipfile.ZipFile(h / "python" / "lib" / "pyspark.zip", "w") as z:
+                z.writestr("pyspark/version.py", f"__version__: str = '{version}'\n")
+        return h
+
+    same, other, missing = home(pyspark.__version__), home("0.0.1"), home(None)
+    got = local_worker_conf({WORKER_PATH_KEY: f"/mine{os.pathsep}{root}"}, same)
+    assert got == {
+        DAEMON_MODULE_KEY: "pipelines.pyspark_daemon",
+        WORKER_PATH_KEY: f"{root}{os.pathsep}/mine",
+    }
+    assert local_worker_conf({}, other) == {}
+    assert local_worker_conf({}, missing) == {}
+    assert local_worker_conf({DAEMON_MODULE_KEY: "their.daemon"}, same) == {}
+    path = ["/a", "/spark/python/lib/pyspark.zip", "/spark/python/lib/py4j-0.10.9.9-src.zip"]
+    assert without_bundled_pyspark(path) == ["/a", "/spark/python/lib/py4j-0.10.9.9-src.zip"]
