@@ -201,7 +201,8 @@ def test_the_first_driver_records_an_archive_the_next_one_starts_from(tmp_path: 
 
 def test_local_python_workers_import_the_installed_pyspark(spark):
     """A local driver's Python workers import the pyspark package this process imported, with
-    its cached bytecode, not the copy in Spark's pyspark.zip (`pipelines.pyspark_daemon`)."""
+    its cached bytecode, not the copy in Spark's pyspark.zip, and have no Spark jar on their
+    path (`pipelines.pyspark_daemon`)."""
     import pyarrow as pa
     import pyspark
 
@@ -211,7 +212,7 @@ def test_local_python_workers_import_the_installed_pyspark(spark):
         import pyspark as worker_pyspark
 
         for _ in batches:
-            zips = [p for p in sys.path if p.endswith("pyspark.zip")]
+            zips = [p for p in sys.path if p.endswith(("pyspark.zip", ".jar"))]
             yield pa.RecordBatch.from_pydict({"file": [worker_pyspark.__file__], "zips": [zips]})
 
     rows = spark.range(2).mapInArrow(where_from, "file string, zips array<string>").collect()
@@ -245,5 +246,13 @@ def test_workers_keep_sparks_daemon_unless_the_zip_is_the_installed_pyspark(tmp_
     assert local_worker_conf({}, other) == {}
     assert local_worker_conf({}, missing) == {}
     assert local_worker_conf({DAEMON_MODULE_KEY: "their.daemon"}, same) == {}
-    path = ["/a", "/spark/python/lib/pyspark.zip", "/spark/python/lib/py4j-0.10.9.9-src.zip"]
-    assert without_bundled_pyspark(path) == ["/a", "/spark/python/lib/py4j-0.10.9.9-src.zip"]
+    # Spark's path: its zips and the spark-core jar (no Python in it); a jar with Python stays
+    jars = tmp_path / "jars"
+    jars.mkdir()
+    for name, member in (("spark-core.jar", "org/C.class"), ("with-python.jar", "m/x.py")):
+        with zipfile.ZipFile(jars / name, "w") as z:
+            z.writestr(member, "")
+    py4j = str(same / "python" / "lib" / "py4j-0.10.9.9-src.zip")
+    bundled = str(same / "python" / "lib" / "pyspark.zip")
+    path = ["/a", bundled, py4j, str(jars / "spark-core.jar"), str(jars / "with-python.jar")]
+    assert without_bundled_pyspark(path) == ["/a", py4j, str(jars / "with-python.jar")]
