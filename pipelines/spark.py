@@ -9,7 +9,6 @@ import atexit
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -260,18 +259,13 @@ def driver_java_options(user: str | None, archive: ClassArchive | None) -> str:
 def bundled_pyspark_matches(spark_home: Path) -> bool:
     """Whether ``spark_home``'s ``python/lib/pyspark.zip`` (what Spark puts first on the Python
     workers' path) holds the same PySpark version as the package this process imported."""
-    import zipfile
-
     import pyspark
 
-    bundled = spark_home / "python" / "lib" / "pyspark.zip"
-    try:
-        with zipfile.ZipFile(bundled) as z:
-            text = z.read("pyspark/version.py").decode()
-    except (OSError, KeyError, zipfile.BadZipFile):
-        return False
-    found = re.search(r"__version__\s*(?::\s*str)?\s*=\s*[\"']([^\"']+)[\"']", text)
-    return found is not None and found.group(1) == pyspark.__version__
+    from pipelines.pyspark_daemon import bundled_version
+
+    return (
+        bundled_version(str(spark_home / "python" / "lib" / "pyspark.zip")) == pyspark.__version__
+    )
 
 
 # `pipelines.pyspark_daemon`: workers of a local driver import pyspark from the installed package

@@ -254,5 +254,10 @@ def test_workers_keep_sparks_daemon_unless_the_zip_is_the_installed_pyspark(tmp_
             z.writestr(member, "")
     py4j = str(same / "python" / "lib" / "py4j-0.10.9.9-src.zip")
     bundled = str(same / "python" / "lib" / "pyspark.zip")
-    path = ["/a", bundled, py4j, str(jars / "spark-core.jar"), str(jars / "with-python.jar")]
-    assert without_bundled_pyspark(path) == ["/a", py4j, str(jars / "with-python.jar")]
+    site = str(Path(pyspark.__file__).resolve().parents[1])  # the installed package's
+    path = ["/a", bundled, py4j, str(jars / "spark-core.jar"), str(jars / "with-python.jar"), site]
+    assert without_bundled_pyspark(path) == ["/a", py4j, str(jars / "with-python.jar"), site]
+    # the zip stays where the rest of the path has no pyspark, or one of another version
+    assert bundled in without_bundled_pyspark([bundled, "/a"])
+    newer = str(other / "python" / "lib" / "pyspark.zip")
+    assert without_bundled_pyspark([newer, site]) == [newer, site]
