@@ -397,9 +397,15 @@ def test_dwell_boundaries_are_the_inverted_cdf(spark, max_distinct):
             assert dict(zip(*exact[name], strict=True)) == dict(zip(values, counts, strict=True))
 
 
-@pytest.mark.parametrize("on_driver", [True, False], ids=["driver", "spark"])
 @pytest.mark.parametrize(
-    "shared", [[], ["user.categorical.1.table=shared", "item.categorical.0.table=shared"]]
+    ("shared", "on_driver"),
+    [
+        ([], True),
+        (["user.categorical.1.table=shared", "item.categorical.0.table=shared"], True),
+        # the Spark paths of the vocabularies' ranking and the side tables' moments
+        ([], False),
+    ],
+    ids=["driver", "shared-vocabulary", "spark"],
 )
 def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
     spark, tmp_path, monkeypatch, shared, on_driver
