@@ -39,8 +39,9 @@ BROADCAST_VOCAB_MAX = 1_000_000
 # Vocabularies whose kept values are at most this many in all are ranked on the driver (one
 # collect of a few dozen bytes a value); more are ranked in Spark (`rank_vocabularies`).
 DRIVER_RANK_MAX_VALUES = 5_000_000
-# A side table's dense statistics come from one (count, value) row a training id and feature:
-# up to this many go to the driver (16 bytes each), more are aggregated in Spark.
+# A side table's dense statistics come from one (feature, count, value) row a training id and
+# feature: up to this many go to the driver (a few dozen bytes each), more are aggregated in
+# Spark.
 DRIVER_MOMENTS_MAX_ROWS = 5_000_000
 INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 
@@ -323,9 +324,9 @@ def _weighed_moments(
         for name in dict.fromkeys(f_col):
             mine = f_col == name
             n, x, w = n_all[mine].sum(), x_all[mine], w_all[mine]
-            mean = float((w * x).sum() / n)
-            out[f"m_{name}"] = mean
-            out[f"s_{name}"] = math.sqrt(max(float((w * (x - mean) ** 2).sum() / n), 0.0))
+            m = float((w * x).sum() / n)
+            out[f"m_{name}"] = m
+            out[f"s_{name}"] = math.sqrt(max(float((w * (x - m) ** 2).sum() / n), 0.0))
         return out
     values = values.coalesce(2)
     n, x = F.col("n"), F.col("x")
