@@ -43,6 +43,10 @@ DRIVER_RANK_MAX_VALUES = 5_000_000
 # feature: up to this many go to the driver (a few dozen bytes each), more are aggregated in
 # Spark.
 DRIVER_MOMENTS_MAX_ROWS = 5_000_000
+# The fit's counts of the training rows (`count_values`), up to this many, and the side tables,
+# up to this many rows each, come to the driver, where the side tables' weighed counts and
+# moments are summed (`_driver_counts`); with more, Spark weighs them.
+DRIVER_COUNTS_MAX_ROWS = 5_000_000
 INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 
 
@@ -160,6 +164,13 @@ def _dense_pre(col: Column, transform: DenseTransform, fill: float) -> Column:
     return x
 
 
+def _dense_fill(transform: DenseTransform, fill: float) -> float:
+    """`_dense_pre` of a missing value."""
+    if transform in (DenseTransform.LOG1P, DenseTransform.LOG1P_STANDARDIZE):
+        return math.log1p(max(fill, 0.0))
+    return float(fill)
+
+
 def task_value(spec: FeatureSpec, task: str, bins: dict[str, list[float]]) -> Column:
     """The integer value of a task that pseudo-labels and sequences use: the 0/1 label, or the
     dwell bin index. The task's [0, 1] target is value / (n_bins - 1) for dwell tasks."""
@@ -249,26 +260,29 @@ def dwell_boundaries(
     train_rows: DataFrame,
     tasks: dict[str, int],
     max_distinct: int = EXACT_QUANTILE_MAX_DISTINCT,
-    counts: DataFrame | None = None,
+    counts: DataFrame | pa.Table | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Raw equal-frequency boundaries of each dwell task's ``label_<task>`` (``tasks``: name ->
     n_bins), before dropping the minimum: exact from one count per distinct value when there
     are at most ``max_distinct`` of them in all, else from percentile_approx. Also returns,
     when exact, each task's distinct values and their counts (empty otherwise).
 
-    ``counts``: `count_values` output holding the tasks' values (the fit's shared counts);
-    without it they are counted here. At 10M events (194k distinct dwell values) the
+    ``counts``: `count_values` output holding the tasks' values (the fit's shared counts, in
+    Spark or on the driver); without it they are counted here. At 10M events (194k distinct dwell values) the
     group-by took 2.3 s where the sketch took 11 s."""
     if not tasks:
         return {}, {}
     if counts is None:
         counts = count_values(train_rows, dwell=list(tasks))
-    got = (
-        counts.where(F.col("kind") == DWELL)
-        .select("tbl", "dbl", "count")
-        .limit(max_distinct + 1)
-        .toArrow()
-    )
+    if isinstance(counts, pa.Table):
+        got = counts.filter(pc.equal(counts["kind"], DWELL)).select(["tbl", "dbl", "count"])
+    else:
+        got = (
+            counts.where(F.col("kind") == DWELL)
+            .select("tbl", "dbl", "count")
+            .limit(max_distinct + 1)
+            .toArrow()
+        )
     if got.num_rows <= max_distinct:
         out, exact = {}, {}
         for t, n_bins in tasks.items():
@@ -373,7 +387,7 @@ def row_aggregates(
 
 
 def rank_vocabularies(
-    counts: DataFrame,
+    counts: DataFrame | pa.Table,
     limits: dict[str, tuple[int, int]],
     max_driver_values: int = DRIVER_RANK_MAX_VALUES,
 ) -> dict[str, pa.Table]:
@@ -386,17 +400,21 @@ def rank_vocabularies(
     The kept values come to the driver in one collect and are ranked there with Arrow when
     they are at most ``max_driver_values`` in all; more are ranked by a Spark window per table
     and only the max_vocab first come back. The window is a shuffle and one task per table: two
-    jobs of 4.3 s in all at 10M events, 2.2 s at 1M, where the collect took 0.8 s."""
-    keep = F.lit(False)
-    cap = F.lit(0)
-    for t, (max_vocab, min_count) in limits.items():
-        keep = keep | ((F.col("tbl") == t) & (F.col("count") >= min_count))
-        cap = F.when(F.col("tbl") == t, F.lit(max_vocab)).otherwise(cap)
-    kept = counts.where((F.col("kind") == VOCAB) & keep).select(
-        "tbl", F.coalesce("str", F.col("num").cast("string")).alias("value"), "count"
-    )
-    got = kept.limit(max_driver_values + 1).toArrow()
-    if got.num_rows > max_driver_values:
+    jobs of 4.3 s in all at 10M events, 2.2 s at 1M, where the collect took 0.8 s. Counts
+    already on the driver (an Arrow table) are ranked there."""
+    if isinstance(counts, pa.Table):
+        got = _kept_values(counts, limits)
+    else:
+        keep = F.lit(False)
+        cap = F.lit(0)
+        for t, (max_vocab, min_count) in limits.items():
+            keep = keep | ((F.col("tbl") == t) & (F.col("count") >= min_count))
+            cap = F.when(F.col("tbl") == t, F.lit(max_vocab)).otherwise(cap)
+        kept = counts.where((F.col("kind") == VOCAB) & keep).select(
+            "tbl", F.coalesce("str", F.col("num").cast("string")).alias("value"), "count"
+        )
+        got = kept.limit(max_driver_values + 1).toArrow()
+    if not isinstance(counts, pa.Table) and got.num_rows > max_driver_values:
         order = Window.partitionBy("tbl").orderBy(F.desc("count"), F.asc("value"))
         got = (
             kept.withColumn("idx", F.row_number().over(order))
@@ -417,6 +435,107 @@ def rank_vocabularies(
             }
         )
     return out
+
+
+def _kept_values(counts: pa.Table, limits: dict[str, tuple[int, int]]) -> pa.Table:
+    """`rank_vocabularies`' kept values of Arrow counts: (tbl, value as a string, count) of
+    each table's values counted at least its min_count times."""
+    vocab = counts.filter(pc.equal(counts["kind"], VOCAB))
+    parts = []
+    for t, (_, min_count) in limits.items():
+        mine = vocab.filter(
+            pc.and_(pc.equal(vocab["tbl"], t), pc.greater_equal(vocab["count"], min_count))
+        )
+        # as Spark's cast of a long to a string: its canonical decimal digits
+        value = pc.coalesce(mine["str"], mine["num"].cast(pa.string()))
+        parts.append(pa.table({"tbl": mine["tbl"], "value": value, "count": mine["count"]}))
+    schema = pa.schema([("tbl", pa.string()), ("value", pa.string()), ("count", pa.int64())])
+    return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
+
+
+def _driver_counts(
+    row_counts: DataFrame,
+    sides: list[SideLookup],
+    mine_of: dict[int, dict[str, tuple[list[str], bool]]],
+    feats: dict[int, list],
+    integral: dict[str, bool],
+) -> tuple[pa.Table, dict[str, float | None]] | None:
+    """The fit's counts on the driver: the training rows' counts (`count_values`) and each
+    side table's values weighed by its id's count of training rows, summed where a table has
+    columns of several sources; and the side tables' dense moments (as `_weighed_moments`).
+    None where the counts hold more than ``DRIVER_COUNTS_MAX_ROWS`` rows or a side table
+    more: Spark weighs them then.
+
+    ``mine_of``: side -> its vocabulary columns (table -> (columns, integral)); ``feats``:
+    side -> its dense features. The side tables' values are cast and transformed in Spark
+    (as `count_values` and `_dense_pre` do), so the driver only joins and sums. At 10M events
+    the Spark path's weighing was three stages over the counts, two broadcasts and a union
+    persisted a second time.
+    """
+    limit = DRIVER_COUNTS_MAX_ROWS
+    got = row_counts.limit(limit + 1).toArrow()
+    if got.num_rows > limit:
+        return None
+    schema = got.schema
+    parts = [got]
+    moments: dict[str, float | None] = {}
+    for side in sides:
+        mine, dense = mine_of.get(id(side), {}), feats.get(id(side), [])
+        if not mine and not dense:
+            continue
+        long_id = integral[side.id_column]
+        sel = [F.col("_key").cast("long" if long_id else "string").alias("_key")]
+        for cols, integ in mine.values():
+            sel += [F.col(c).cast("long" if integ else "string").alias(f"v_{c}") for c in cols]
+        sel += [_dense_pre(F.col(f.name), f.transform, f.fill).alias(f"x_{f.name}") for f in dense]
+        table = side.frame.select(*sel).limit(limit + 1).toArrow()
+        if table.num_rows > limit:
+            return None
+        ids = got.filter(
+            pc.and_(pc.equal(got["kind"], VOCAB), pc.equal(got["tbl"], side.id_column))
+        )
+        ids = pa.table({"_key": ids["num" if long_id else "str"], "_n": ids["count"]})
+        # each training id once, with its side row's values (null where the table lacks it)
+        joined = ids.join(table, "_key", join_type="left outer")
+        # in the ids' order: the same sums, to the last digit, on every run
+        joined = joined.sort_by("_key")
+        for t, (cols, integ) in mine.items():
+            values = pa.concat_arrays([joined[f"v_{c}"].combine_chunks() for c in cols])
+            weights = pa.concat_arrays([joined["_n"].combine_chunks() for _ in cols])
+            pairs = pa.table({"v": values, "n": weights}).filter(pc.is_valid(values))
+            summed = pairs.group_by("v").aggregate([("n", "sum")])
+            k = summed.num_rows
+            parts.append(
+                pa.table(
+                    {
+                        "kind": pa.array(np.full(k, VOCAB, dtype=np.int32)),
+                        "tbl": pa.array([t] * k, pa.string()),
+                        "num": summed["v"] if integ else pa.nulls(k, pa.int64()),
+                        "str": pa.nulls(k, pa.string()) if integ else summed["v"],
+                        "dbl": pa.nulls(k, pa.float64()),
+                        "count": summed["n_sum"],
+                    }
+                ).cast(schema)
+            )
+        n = joined["_n"].to_numpy().astype(np.float64)
+        total = n.sum()
+        for f in dense:
+            # an id the table lacks takes the fill value, as the joined rows would
+            fill = _dense_fill(f.transform, f.fill)
+            x = pc.fill_null(joined[f"x_{f.name}"], fill).to_numpy().astype(np.float64)
+            if total == 0:  # as Spark's averages of no rows
+                moments[f"m_{f.name}"] = moments[f"s_{f.name}"] = None
+                continue
+            m = float((n * x).sum() / total)
+            moments[f"m_{f.name}"] = m
+            moments[f"s_{f.name}"] = math.sqrt(max(float((n * (x - m) ** 2).sum() / total), 0.0))
+    counts = pa.concat_tables(parts)
+    if len(parts) > 1:
+        # a table of columns of the rows and of a side table (or of two): its counts add up
+        keys = ["kind", "tbl", "num", "str", "dbl"]
+        counts = counts.group_by(keys, use_threads=False).aggregate([("count", "sum")])
+        counts = counts.rename_columns([*keys, "count"]).select(schema.names).cast(schema)
+    return counts, moments
 
 
 def bin_index(col: Column, boundaries: list[float]) -> Column:
@@ -478,14 +597,29 @@ def fit(
     # Persisted: a few small jobs read the counts (442k rows at 10M events), and the side
     # tables' weights are the ids' counts.
     row_counts = counts.persist(StorageLevel.MEMORY_AND_DISK)
+    mine_of = {
+        id(side): {
+            t: ([c for c in cols if side_of.get(c) is side], integral[t])
+            for t, cols in tables.items()
+            if any(side_of.get(c) is side for c in cols)
+        }
+        for side in sides
+    }
+    feats = {
+        id(side): [f for f in spec.dense_features if side_of.get(f.name) is side] for side in sides
+    }
+    local = _driver_counts(row_counts, sides, mine_of, feats, integral)
+    if local is not None:
+        row_counts.unpersist()
+        local_counts, moments = local
+        return _fit_from_counts(
+            spec, train_rows, local_counts, tables, dwell, out_dir, vocab_dir, sides, integral,
+            row_stats, moments,
+        )  # fmt: skip
     cached = [row_counts]
     weighed = []
     for side in sides:
-        mine = {
-            t: ([c for c in cols if side_of.get(c) is side], integral[t])
-            for t, cols in tables.items()
-        }
-        mine = {t: v for t, v in mine.items() if v[0]}
+        mine = mine_of[id(side)]
         if mine:
             ids = _weighed(side, row_counts, integral[side.id_column], "inner")
             weighed.append(count_values(ids, vocab=mine, weight=F.col("_n")))
@@ -530,7 +664,7 @@ def _weighed(side: SideLookup, counts: DataFrame, integral_id: bool, how: str) -
 def _fit_from_counts(
     spec: FeatureSpec,
     train_rows: DataFrame,
-    counts: DataFrame,
+    counts: DataFrame | pa.Table,
     tables: dict[str, list[str]],
     dwell: list[Task],
     out_dir: Path,
@@ -538,11 +672,19 @@ def _fit_from_counts(
     sides: list[SideLookup],
     integral: dict[str, bool],
     row_stats: dict[str, float | None] | None,
+    side_moments: dict[str, float | None] | None = None,
 ) -> Artifacts:
-    per_date = {
-        r["str"]: r["count"]
-        for r in counts.where(F.col("kind") == DATE).select("str", "count").collect()
-    }
+    """The artifacts from the counts (`count_values` rows of the training rows and the side
+    tables' weighed ones: a Spark frame, or on the driver an Arrow table) and
+    ``side_moments``, the side tables' dense moments where the driver weighed them."""
+    if isinstance(counts, pa.Table):
+        dated = counts.filter(pc.equal(counts["kind"], DATE))
+        per_date = dict(zip(dated["str"].to_pylist(), dated["count"].to_pylist(), strict=True))
+    else:
+        per_date = {
+            r["str"]: r["count"]
+            for r in counts.where(F.col("kind") == DATE).select("str", "count").collect()
+        }
     n_rows = sum(per_date.values())
     if n_rows == 0:
         raise ValueError("the training window holds no accepted rows: check split dates and source")
@@ -570,7 +712,10 @@ def _fit_from_counts(
     feats = {
         id(side): [f for f in spec.dense_features if side_of.get(f.name) is side] for side in sides
     }
-    row |= _weighed_moments(sides, counts, integral, feats)
+    if side_moments is None:
+        assert isinstance(counts, DataFrame)
+        side_moments = _weighed_moments(sides, counts, integral, feats)
+    row |= side_moments
     dense: dict[str, DenseStats] = {}
     for f in spec.dense_features:
         std = float(row[f"s_{f.name}"] or 0.0)

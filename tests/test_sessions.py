@@ -397,18 +397,24 @@ def test_dwell_boundaries_are_the_inverted_cdf(spark, max_distinct):
             assert dict(zip(*exact[name], strict=True)) == dict(zip(values, counts, strict=True))
 
 
+SHARED = ["user.categorical.1.table=shared", "item.categorical.0.table=shared"]
+# what the fit does in Spark: nothing; the weighing of the side tables (their counts or side
+# tables too many for the driver); that and the vocabularies' ranking and the side tables'
+# moments
+SPARK_PATHS = {
+    "none": [],
+    "weighing": ["DRIVER_COUNTS_MAX_ROWS"],
+    "all": ["DRIVER_COUNTS_MAX_ROWS", "DRIVER_RANK_MAX_VALUES", "DRIVER_MOMENTS_MAX_ROWS"],
+}
+
+
 @pytest.mark.parametrize(
-    ("shared", "on_driver"),
-    [
-        ([], True),
-        (["user.categorical.1.table=shared", "item.categorical.0.table=shared"], True),
-        # the Spark paths of the vocabularies' ranking and the side tables' moments
-        ([], False),
-    ],
-    ids=["driver", "shared-vocabulary", "spark"],
+    ("shared", "in_spark"),
+    [([], "none"), (SHARED, "none"), (SHARED, "weighing"), ([], "all")],
+    ids=["driver", "shared-vocabulary", "shared-vocabulary-spark-weighing", "spark"],
 )
 def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
-    spark, tmp_path, monkeypatch, shared, on_driver
+    spark, tmp_path, monkeypatch, shared, in_spark
 ):
     """The fit weighs a side table's values by each id's count of training rows, and apply maps
     them on the table before joining: vocabularies, dense statistics and every applied column
@@ -420,11 +426,11 @@ def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
     from pipelines import artifacts as arts
     from pipelines.build import _in_train
 
-    if not on_driver:
-        # the fit ranks the vocabularies and weighs the side tables' moments in Spark
-        monkeypatch.setattr(arts, "DRIVER_RANK_MAX_VALUES", 0)
-        monkeypatch.setattr(arts, "DRIVER_MOMENTS_MAX_ROWS", 0)
-    spec = load_spec(REPO / "feature_specs" / "synthetic.yaml", overrides=shared)
+    for bound in SPARK_PATHS[in_spark]:
+        monkeypatch.setattr(arts, bound, 0)
+    # a fill value that is not 0: the ids the user table lacks and its null values take it
+    overrides = [*shared, "user.dense.0.fill=30"]
+    spec = load_spec(REPO / "feature_specs" / "synthetic.yaml", overrides=overrides)
     rng = np.random.default_rng(11)
     n = 3000
     rows = pd.DataFrame(
@@ -480,6 +486,8 @@ def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
     for f, stats in want.dense.items():
         assert got.dense[f].mean == pytest.approx(stats.mean, rel=1e-12), f
         assert got.dense[f].std == pytest.approx(stats.std, rel=1e-12), f
+    if in_spark != "none":
+        return  # what follows does not depend on where the fit sums
 
     # The build computes the fit's own aggregates in its statistics job, over every session
     # with the training window as a condition: the same artifacts, and the fit uses them.
