@@ -268,8 +268,8 @@ def dwell_boundaries(
     when exact, each task's distinct values and their counts (empty otherwise).
 
     ``counts``: `count_values` output holding the tasks' values (the fit's shared counts, in
-    Spark or on the driver); without it they are counted here. At 10M events (194k distinct dwell values) the
-    group-by took 2.3 s where the sketch took 11 s."""
+    Spark or on the driver); without it they are counted here. At 10M events (194k distinct
+    dwell values) the group-by took 2.3 s where the sketch took 11 s."""
     if not tasks:
         return {}, {}
     if counts is None:
