@@ -1,7 +1,7 @@
 """The feature build on a slice of the real KuaiRand log: leakage, incremental = full,
 training-window-only fitting, idempotence.
 
-The slice keeps every 8th user and the days up to 2022-04-30 (Beijing time), with the
+The slice keeps every 8th user and the days up to 2022-04-28 (Beijing time), with the
 pseudo-label window shortened to 3 days so that window eviction happens inside the slice.
 """
 
@@ -29,8 +29,8 @@ from tests.reference import assert_running_equal, naive_running
 
 pytestmark = pytest.mark.slow
 
-LAST_DAY = "2022-04-30"
-DAYS = [f"2022-04-{d}" for d in range(24, 31)]
+LAST_DAY = "2022-04-28"
+DAYS = [f"2022-04-{d}" for d in range(24, 29)]
 WINDOW = 3
 TASKS = ["click", "dwell", "like", "long_view", "follow"]
 SEQS = {
@@ -61,8 +61,8 @@ def spec(raw_slice):
         "feature_specs/kuairand.yaml",
         overrides=[
             f"source.path={path}",
-            "split.train_end=2022-04-28",
-            "split.valid_end=2022-04-29",
+            "split.train_end=2022-04-26",
+            "split.valid_end=2022-04-27",
             f"pseudo_labels.window_days={WINDOW}",
         ],
     )

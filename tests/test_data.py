@@ -198,6 +198,13 @@ def built_lake(tmp_path_factory) -> Lake:
     subprocess.run(gen, cwd=REPO, check=True)
     build = [py, "-m", "jobs.build_features", "--full", "--spec", "feature_specs/synthetic.yaml"]
     build += ["--set", f"lake={lake}", "--spec-set", f"source.path={raw}/events/date={{date}}"]
+    # two partitions for a few thousand rows (the default 8 are four waves of tasks on CI's 2 cores)
+    build += [
+        "--set",
+        "spark.user_partitions=2",
+        "--set",
+        "spark.conf.spark.sql.shuffle.partitions=2",
+    ]
     build += ["--spec-set", f"user.tables.0.path={raw}/users.parquet"]
     build += ["--spec-set", f"item.tables.0.path={raw}/items.parquet"]
     build += [
