@@ -303,6 +303,13 @@ def dwell_boundaries(
     return {t: [float(b) for b in row[t]] for t in tasks}, {}
 
 
+def _moments(w: np.ndarray, x: np.ndarray, n: float) -> tuple[float, float]:
+    """Mean and population standard deviation of values ``x`` weighed ``w`` over ``n`` rows,
+    in two passes (the deviations from the mean: the sums of squares alone would cancel)."""
+    m = float((w * x).sum() / n)
+    return m, math.sqrt(max(float((w * (x - m) ** 2).sum() / n), 0.0))
+
+
 def _weighed_moments(
     sides: list[SideLookup], counts: DataFrame, integral: dict[str, bool], feats: dict
 ) -> dict[str, float | None]:
@@ -337,10 +344,9 @@ def _weighed_moments(
         w_all = np.where(got["x"].is_valid().to_numpy(zero_copy_only=False), n_all, 0.0)
         for name in dict.fromkeys(f_col):
             mine = f_col == name
-            n, x, w = n_all[mine].sum(), x_all[mine], w_all[mine]
-            m = float((w * x).sum() / n)
-            out[f"m_{name}"] = m
-            out[f"s_{name}"] = math.sqrt(max(float((w * (x - m) ** 2).sum() / n), 0.0))
+            out[f"m_{name}"], out[f"s_{name}"] = _moments(
+                w_all[mine], x_all[mine], n_all[mine].sum()
+            )
         return out
     values = values.coalesce(2)
     n, x = F.col("n"), F.col("x")
@@ -414,14 +420,14 @@ def rank_vocabularies(
             "tbl", F.coalesce("str", F.col("num").cast("string")).alias("value"), "count"
         )
         got = kept.limit(max_driver_values + 1).toArrow()
-    if not isinstance(counts, pa.Table) and got.num_rows > max_driver_values:
-        order = Window.partitionBy("tbl").orderBy(F.desc("count"), F.asc("value"))
-        got = (
-            kept.withColumn("idx", F.row_number().over(order))
-            .where(F.col("idx") <= cap)
-            .drop("idx")
-            .toArrow()
-        )
+        if got.num_rows > max_driver_values:
+            order = Window.partitionBy("tbl").orderBy(F.desc("count"), F.asc("value"))
+            got = (
+                kept.withColumn("idx", F.row_number().over(order))
+                .where(F.col("idx") <= cap)
+                .drop("idx")
+                .toArrow()
+            )
     out: dict[str, pa.Table] = {}
     for table, (max_vocab, _) in limits.items():
         mine = got.filter(pc.equal(got["tbl"], table))
@@ -526,9 +532,7 @@ def _driver_counts(
             if total == 0:  # as Spark's averages of no rows
                 moments[f"m_{f.name}"] = moments[f"s_{f.name}"] = None
                 continue
-            m = float((n * x).sum() / total)
-            moments[f"m_{f.name}"] = m
-            moments[f"s_{f.name}"] = math.sqrt(max(float((n * (x - m) ** 2).sum() / total), 0.0))
+            moments[f"m_{f.name}"], moments[f"s_{f.name}"] = _moments(n, x, total)
     counts = pa.concat_tables(parts)
     if len(parts) > 1:
         # a table of columns of the rows and of a side table (or of two): its counts add up
@@ -639,9 +643,11 @@ def fit(
     else:
         counts = row_counts
     try:
+        moments = _weighed_moments(sides, counts, integral, feats)
         return _fit_from_counts(
-            spec, train_rows, counts, tables, dwell, out_dir, vocab_dir, sides, integral, row_stats
-        )
+            spec, train_rows, counts, tables, dwell, out_dir, vocab_dir, sides, integral,
+            row_stats, moments,
+        )  # fmt: skip
     finally:
         for frame in cached:
             frame.unpersist()
@@ -672,11 +678,11 @@ def _fit_from_counts(
     sides: list[SideLookup],
     integral: dict[str, bool],
     row_stats: dict[str, float | None] | None,
-    side_moments: dict[str, float | None] | None = None,
+    side_moments: dict[str, float | None],
 ) -> Artifacts:
     """The artifacts from the counts (`count_values` rows of the training rows and the side
     tables' weighed ones: a Spark frame, or on the driver an Arrow table) and
-    ``side_moments``, the side tables' dense moments where the driver weighed them."""
+    ``side_moments``, the side tables' dense moments (`_weighed_moments`, `_driver_counts`)."""
     if isinstance(counts, pa.Table):
         dated = counts.filter(pc.equal(counts["kind"], DATE))
         per_date = dict(zip(dated["str"].to_pylist(), dated["count"].to_pylist(), strict=True))
@@ -709,12 +715,6 @@ def _fit_from_counts(
         row = {n: row_stats[n] for n in aggs}
     else:
         row = train_rows.agg(*aggs.values()).first().asDict() if aggs else {}
-    feats = {
-        id(side): [f for f in spec.dense_features if side_of.get(f.name) is side] for side in sides
-    }
-    if side_moments is None:
-        assert isinstance(counts, DataFrame)
-        side_moments = _weighed_moments(sides, counts, integral, feats)
     row |= side_moments
     dense: dict[str, DenseStats] = {}
     for f in spec.dense_features:
