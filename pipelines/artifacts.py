@@ -47,6 +47,11 @@ DRIVER_MOMENTS_MAX_ROWS = 5_000_000
 # up to this many rows each, come to the driver, where the side tables' weighed counts and
 # moments are summed (`_driver_counts`); with more, Spark weighs them.
 DRIVER_COUNTS_MAX_ROWS = 5_000_000
+# A side table up to this many rows is mapped on the driver (`_driver_side_map`): one collect,
+# its vocabulary lookups in Arrow, and one local table the rows join. Mapped in Spark, each of
+# its categoricals was a broadcast join of its own: for KuaiRand's user table some thirty,
+# whose planning and single-task jobs took most of a small nightly run.
+DRIVER_SIDE_MAX_ROWS = 2_000_000
 INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 
 
@@ -811,10 +816,8 @@ def apply(
         vocab_df = reader.parquet(path).select(value.alias("_v"), F.col("idx").alias("_idx"))
         if art.vocab_sizes[table] <= BROADCAST_VOCAB_MAX:
             vocab_df = F.broadcast(vocab_df)
-        # integer columns meet the numbers (a long hash join, no string per row)
-        key = F.col(c).cast("long") if integral[table] else F.col(c).cast("string")
         return (
-            frame.join(vocab_df, key == F.col("_v"), "left")
+            frame.join(vocab_df, key(c, table) == F.col("_v"), "left")
             .withColumn(target, F.coalesce(F.col("_idx"), F.lit(OOV)).cast("long"))
             .drop("_v", "_idx")
         )
@@ -826,15 +829,25 @@ def apply(
             x = (x - F.lit(s.mean)) / F.lit(s.std)
         return x.cast("float")
 
+    def key(c: str, table: str) -> Column:
+        # integer columns meet the numbers (a long hash join, no string per row)
+        return F.col(c).cast("long") if integral[table] else F.col(c).cast("string")
+
     out = rows
     for side in sides:
-        frame = side.frame
         mine = [(c, t) for t, cols in tables.items() for c in cols if side_of.get(c) is side]
-        for c, table in mine:
-            frame = index(frame, c, table, c)
         feats = [f for f in spec.dense_features if side_of.get(f.name) is side]
-        frame = frame.withColumns({f.name: dense(f, F.col(f.name)) for f in feats})
-        out = side.join(out, frame)
+        frame = side.frame.select(
+            "_key",
+            *[key(c, t).alias(c) for c, t in mine],
+            *[dense(f, F.col(f.name)).alias(f.name) for f in feats],
+        )
+        mapped = _driver_side_map(frame, mine, art) if mine else None
+        if mapped is None:
+            for c, table in mine:
+                frame = index(frame, c, table, c)
+            mapped = frame
+        out = side.join(out, mapped)
         # the rows whose id the table lacks
         out = out.withColumns(
             {c: F.coalesce(F.col(c), F.lit(OOV).cast("long")) for c, _ in mine}
@@ -853,6 +866,37 @@ def apply(
                 f"label_{t.name}_bin", bin_index(F.col(f"label_{t.name}"), art.bins[t.name])
             )
     return out
+
+
+def _driver_side_map(
+    frame: DataFrame, mine: list[tuple[str, str]], art: Artifacts
+) -> DataFrame | None:
+    """A side table with its categoricals mapped on the driver, or None where it has more than
+    ``DRIVER_SIDE_MAX_ROWS`` rows. ``frame``: the table with each categorical column ``c`` of
+    ``mine`` ((column, vocabulary table) pairs) already cast to its lookup key in Spark (long
+    or string, as the Spark path joins them) and its dense features transformed, so the
+    driver only looks the keys up: an exact match of the same long or string, as the join's;
+    a null or unknown key gets OOV."""
+    limit = DRIVER_SIDE_MAX_ROWS
+    got = frame.limit(limit + 1).toArrow()
+    if got.num_rows > limit:
+        return None
+    columns = {name: got[name] for name in got.column_names}
+    for c, table in mine:
+        vocab = pq.read_table(Path(art.vocab_dir) / f"{table}.parquet", columns=["value", "idx"])
+        keys = columns[c].combine_chunks()
+        values = vocab["value"].combine_chunks().cast(keys.type)
+        at = pc.index_in(keys, value_set=values, skip_nulls=True)
+        idx = pc.take(vocab["idx"].combine_chunks().cast(pa.int64()), at)
+        columns[c] = pc.fill_null(idx, OOV)
+    table = pa.table(columns)
+    schema = T.StructType(
+        [
+            T.StructField(c, T.LongType()) if c in dict(mine) else frame.schema[c]
+            for c in table.column_names
+        ]
+    )
+    return frame.sparkSession.createDataFrame(table, schema=schema)
 
 
 def check_finite(art: Artifacts) -> None:

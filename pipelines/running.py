@@ -304,10 +304,12 @@ def make_mapper(
 
     def run(table: pa.Table, writer: TaskFileWriter | None) -> pa.RecordBatch:
         table = table.take(pc.sort_indices(table, sort_keys=sort_keys))
-        cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in needed}
-        for c in cols:
-            if cols[c].dtype == object:  # nulls on pseudo rows
-                cols[c] = np.asarray(table.column(c).fill_null(0).to_numpy(zero_copy_only=False))
+        cols = {}
+        for c in needed:
+            col = table.column(c)
+            # nulls on pseudo rows (a state row has no item): 0, as an integer array holds no
+            # null (to_numpy would make the column floats with NaN, or objects)
+            cols[c] = np.asarray((col.fill_null(0) if col.null_count else col).to_numpy())
         res = compute(cols, plan)
         real_mask = pa.array(cols[K_REAL].astype(bool))
         kept = table.select(passthrough).filter(real_mask)

@@ -519,14 +519,17 @@ def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
     assert (expected["age_bucket"] == arts.OOV).any() and (expected["category"] == 0).any()
     key = "spark.sql.autoBroadcastJoinThreshold"
     before = spark.conf.get(key)
-    for threshold in (before, "-1"):
-        spark.conf.set(key, threshold)
-        try:
-            pd.testing.assert_frame_equal(
-                applied(arts.apply(spec, sessions, want, sides)), expected
-            )
-        finally:
-            spark.conf.set(key, before)
+    # the side tables mapped on the driver, then (a bound of 0 rows) by joins in Spark
+    for side_rows in (arts.DRIVER_SIDE_MAX_ROWS, 0):
+        monkeypatch.setattr(arts, "DRIVER_SIDE_MAX_ROWS", side_rows)
+        for threshold in (before, "-1"):
+            spark.conf.set(key, threshold)
+            try:
+                pd.testing.assert_frame_equal(
+                    applied(arts.apply(spec, sessions, want, sides)), expected
+                )
+            finally:
+                spark.conf.set(key, before)
 
 
 def test_fit_counts_are_pandas_value_counts(spark):
