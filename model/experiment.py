@@ -1,8 +1,8 @@
 """The paper-comparison experiment: every model under the same budget, several seeds, a
 hyper-parameter search on the valid days only, and a results table on the test days.
 
-Each training is a ``jobs.train`` subprocess (``torchrun`` when ``nproc`` > 1) logged as an MLflow
-child run of one parent run. The search runs evaluate on the valid split only, so test metrics
+Each training is a ``jobs.train`` process (a fork of a server that has imported it, ``torchrun``
+when ``nproc`` > 1: `model.launch.run_training`) logged as an MLflow child run of one parent run. The search runs evaluate on the valid split only, so test metrics
 are never computed for a configuration that was not selected. The table reports, per model and
 task, test AUC, GAUC, NDCG@k and LogLoss as mean ± std over seeds, RelaImpr of the mean AUC and
 NDCG against the base model (MLP_single), and a paired t-test (over seeds) of STAN against the
@@ -15,7 +15,6 @@ import itertools
 import json
 import logging
 import math
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from model.config import MODEL_NAMES, TrainConfig
-from model.launch import train_command
+from model.launch import run_training, train_command
 from model.metrics import rela_impr_auc, rela_impr_ndcg
 from model.stages import STAGES
 
@@ -78,15 +77,13 @@ class ExperimentPlan:
 
 
 def _train(plan: ExperimentPlan, out: Path, sets: list[str]) -> dict[str, Any]:
-    cmd = train_command(
-        plan.nproc,
-        [*plan.overrides, *sets, f"output_dir={out}", "train.resume=false"],
-        conf=plan.train_conf,
-        spec_sets=plan.spec_overrides,
+    sets = [*plan.overrides, *sets, f"output_dir={out}", "train.resume=false"]
+    code = run_training(
+        plan.nproc, sets, conf=plan.train_conf, spec_sets=plan.spec_overrides, cwd=REPO
     )
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed ({proc.returncode}): {' '.join(cmd)}")
+    if code != 0:
+        cmd = train_command(plan.nproc, sets, conf=plan.train_conf, spec_sets=plan.spec_overrides)
+        raise RuntimeError(f"training failed ({code}): {' '.join(cmd)}")
     return json.loads((out / "metrics.json").read_text())
 
 

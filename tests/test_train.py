@@ -233,6 +233,21 @@ def test_config_naming_a_missing_task_or_feature(kuairand_train_lake, tmp_path) 
     assert not (tmp_path / "x").exists()
 
 
+def test_a_forked_training_exits_with_the_training_s_code(
+    kuairand_train_lake, tmp_path, capfd
+) -> None:
+    """`run_training` (the experiment's trainings: forks of a server that has imported the
+    trainer) hands back the CLI's exit code and message, as the subprocess did."""
+    from model.launch import run_training
+
+    sets = [f"lake={kuairand_train_lake['lake']}", f"output_dir={tmp_path / 'x'}"]
+    sets += [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "model.tasks=[watch]"]
+    spec_sets = kuairand_train_lake["spec_overrides"]
+    assert run_training(1, sets, conf="conf/train.yaml", spec_sets=spec_sets, cwd=REPO) == 2
+    assert "model.tasks: 'watch' is not a task" in capfd.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def _broken_lake(lake: dict, tmp_path: Path, edit) -> str:
     """A copy of the lake whose examples table is rewritten through ``edit(DataFrame)``."""
     import shutil
