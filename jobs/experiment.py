@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-stage-single", action="store_true", help="--ablations without Stage_single"
     )
     p.add_argument("--no-stage-analysis", action="store_true")
-    p.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes per training (above 1: torchrun; 1: a fork of a preloaded server)",
+    )
     p.add_argument("--out", default="out/experiment")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
