@@ -52,6 +52,10 @@ DRIVER_COUNTS_MAX_ROWS = 5_000_000
 # its categoricals was a broadcast join of its own: for KuaiRand's user table some thirty,
 # whose planning and single-task jobs took most of a small nightly run.
 DRIVER_SIDE_MAX_ROWS = 2_000_000
+# ... when it has at least this many categoricals: the collect and the local table's broadcast
+# cost about what a join or two does (synthetic logs' item table, 200k rows and 2 categoricals:
+# 1M builds 1-2 s slower on the driver, within noise at 10M).
+DRIVER_SIDE_MIN_CATEGORICALS = 4
 INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 
 
@@ -842,7 +846,8 @@ def apply(
             *[key(c, t).alias(c) for c, t in mine],
             *[dense(f, F.col(f.name)).alias(f.name) for f in feats],
         )
-        mapped = _driver_side_map(frame, mine, art) if mine else None
+        on_driver = len(mine) >= max(DRIVER_SIDE_MIN_CATEGORICALS, 1)
+        mapped = _driver_side_map(frame, mine, art) if on_driver else None
         if mapped is None:
             for c, table in mine:
                 frame = index(frame, c, table, c)

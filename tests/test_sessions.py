@@ -519,7 +519,9 @@ def test_side_tables_fitted_and_applied_on_the_tables_equal_the_joined_rows(
     assert (expected["age_bucket"] == arts.OOV).any() and (expected["category"] == 0).any()
     key = "spark.sql.autoBroadcastJoinThreshold"
     before = spark.conf.get(key)
-    # the side tables mapped on the driver, then (a bound of 0 rows) by joins in Spark
+    # the side tables (2 and 3 categoricals) mapped on the driver, then (a bound of 0 rows) by
+    # joins in Spark
+    monkeypatch.setattr(arts, "DRIVER_SIDE_MIN_CATEGORICALS", 1)
     for side_rows in (arts.DRIVER_SIDE_MAX_ROWS, 0):
         monkeypatch.setattr(arts, "DRIVER_SIDE_MAX_ROWS", side_rows)
         for threshold in (before, "-1"):
