@@ -2,8 +2,9 @@
 hyper-parameter search on the valid days only, and a results table on the test days.
 
 Each training is a ``jobs.train`` process (a fork of a server that has imported it, ``torchrun``
-when ``nproc`` > 1: `model.launch.run_training`) logged as an MLflow child run of one parent run. The search runs evaluate on the valid split only, so test metrics
-are never computed for a configuration that was not selected. The table reports, per model and
+when ``nproc`` > 1: `model.launch.run_training`) logged as an MLflow child run of one parent
+run. The search runs evaluate on the valid split only, so test metrics are never computed for a
+configuration that was not selected. The table reports, per model and
 task, test AUC, GAUC, NDCG@k and LogLoss as mean ± std over seeds, RelaImpr of the mean AUC and
 NDCG against the base model (MLP_single), and a paired t-test (over seeds) of STAN against the
 best baseline (the non-STAN model with the best mean valid AUC).

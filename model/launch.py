@@ -4,6 +4,7 @@ benchmark). `run_training` runs one for a job that trains many times (the experi
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import subprocess
@@ -24,7 +25,6 @@ TRAIN_PRELOAD = [
     "mlflow.pyfunc",
     "mlflow.store.tracking.sqlalchemy_store",
 ]
-_FORKSERVER: list[BaseContext] = []
 
 
 def train_command(
@@ -42,21 +42,24 @@ def train_command(
         cmd += ["--nproc-per-node", str(nproc), "-m", "jobs.train"]
     else:
         cmd = [python, "-m", "jobs.train"]
-    if conf:
-        cmd += ["--conf", conf]
+    return cmd + _train_args(sets, conf, spec_sets)
+
+
+def _train_args(sets: Sequence[str], conf: str | None, spec_sets: Sequence[str]) -> list[str]:
+    """``jobs.train``'s own arguments: ``[--conf C] --set ... --spec-set ...``."""
+    args = ["--conf", conf] if conf else []
     for s in sets:
-        cmd += ["--set", s]
+        args += ["--set", s]
     for s in spec_sets:
-        cmd += ["--spec-set", s]
-    return cmd
+        args += ["--spec-set", s]
+    return args
 
 
+@functools.cache
 def _forkserver() -> BaseContext:
-    if not _FORKSERVER:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(TRAIN_PRELOAD)
-        _FORKSERVER.append(context)
-    return _FORKSERVER[0]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(TRAIN_PRELOAD)
+    return context
 
 
 def _train_in_fork(argv: list[str], cwd: str) -> None:
@@ -89,7 +92,7 @@ def run_training(
     if nproc > 1:
         cmd = train_command(nproc, sets, conf=conf, spec_sets=spec_sets)
         return subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL).returncode
-    argv = train_command(1, sets, conf=conf, spec_sets=spec_sets)[3:]  # after python -m jobs.train
+    argv = _train_args(sets, conf, spec_sets)
     process = _forkserver().Process(target=_train_in_fork, args=(argv, str(cwd)))
     process.start()
     process.join()

@@ -846,7 +846,7 @@ def apply(
             *[key(c, t).alias(c) for c, t in mine],
             *[dense(f, F.col(f.name)).alias(f.name) for f in feats],
         )
-        on_driver = len(mine) >= max(DRIVER_SIDE_MIN_CATEGORICALS, 1)
+        on_driver = bool(mine) and len(mine) >= DRIVER_SIDE_MIN_CATEGORICALS
         mapped = _driver_side_map(frame, mine, art) if on_driver else None
         if mapped is None:
             for c, table in mine:
@@ -894,14 +894,11 @@ def _driver_side_map(
         at = pc.index_in(keys, value_set=values, skip_nulls=True)
         idx = pc.take(vocab["idx"].combine_chunks().cast(pa.int64()), at)
         columns[c] = pc.fill_null(idx, OOV)
-    table = pa.table(columns)
+    mapped = {c for c, _ in mine}
     schema = T.StructType(
-        [
-            T.StructField(c, T.LongType()) if c in dict(mine) else frame.schema[c]
-            for c in table.column_names
-        ]
+        [T.StructField(c, T.LongType()) if c in mapped else frame.schema[c] for c in columns]
     )
-    return frame.sparkSession.createDataFrame(table, schema=schema)
+    return frame.sparkSession.createDataFrame(pa.table(columns), schema=schema)
 
 
 def check_finite(art: Artifacts) -> None:
