@@ -624,11 +624,17 @@ class _Tracker:
             else:
                 self.mlflow.log_artifact(str(path), artifact_path)
 
-    def log_model(self, out_dir: Path, preprocessing: Path, bundle: ModelBundle) -> str | None:
-        """Log the gathered model as a pyfunc (raw columns in, ``score_<task>`` out)."""
+    def log_model(
+        self, out_dir: Path, preprocessing: Path, bundle: ModelBundle, uses_sequences: bool
+    ) -> str | None:
+        """Log the gathered model as a pyfunc (raw columns in, ``score_<task>`` out), with the
+        facts batch scoring's driver reads instead of loading it (`model.pyfunc_facts`)."""
         if not self.active:
             return None
+        from model.pyfunc_facts import scoring_metadata
         from model.serving import RankerModel, pyfunc_signature
+
+        tasks = [t.name for t in bundle.tasks]
 
         info = self.mlflow.pyfunc.log_model(
             name="model",
@@ -638,7 +644,8 @@ class _Tracker:
                 "spec": str(out_dir / "spec.yaml"),
                 "preprocessing": str(preprocessing),
             },
-            signature=pyfunc_signature(bundle.spec, [t.name for t in bundle.tasks]),
+            signature=pyfunc_signature(bundle.spec, tasks),
+            metadata=scoring_metadata(tasks, uses_sequences),
             pip_requirements=PYFUNC_REQUIREMENTS,
             # the model ships its own code: loading needs no checkout of this repository
             code_paths=[str(REPO / "model"), str(REPO / "pipelines")],
@@ -1011,7 +1018,9 @@ def _train(
         for name in ("config.yaml", "spec.yaml"):
             tracker.artifact(out_dir / name)
         tracker.artifact(Path(tables.artifacts), "preprocessing")
-        model_uri = tracker.log_model(out_dir, Path(tables.artifacts), bundle)
+        model_uri = tracker.log_model(
+            out_dir, Path(tables.artifacts), bundle, uses_sequences=inner.task_bottom is not None
+        )
         result.model_uri = model_uri
         (out_dir / "metrics.json").write_text(
             json.dumps(

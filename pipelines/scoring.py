@@ -14,6 +14,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,14 @@ from pipelines.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ScoringError", "download_model", "predictions_path", "score_date"]
+__all__ = [
+    "ModelFacts",
+    "ScoringError",
+    "download_model",
+    "model_facts",
+    "predictions_path",
+    "score_date",
+]
 
 _SCORERS: dict[str, Any] = {}
 
@@ -59,6 +67,36 @@ def download_model(model_uri: str, tracking_uri: str | None, dst: Path) -> tuple
     return local, facts
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the driver needs of a model: the spec it was trained on, its task names (in the
+    order of its outputs) and whether it reads the behaviour sequences."""
+
+    spec: FeatureSpec
+    tasks: list[str]
+    uses_sequences: bool
+
+
+def model_facts(local_model: str) -> ModelFacts:
+    """The facts of the pyfunc in ``local_model``, from its ``MLmodel`` metadata and its
+    ``spec.yaml`` (`model.pyfunc_facts`); a model logged without them is loaded instead."""
+    import yaml
+    from mlflow.models import Model
+
+    from model.pyfunc_facts import METADATA_KEY
+
+    mlmodel = Model.load(local_model)
+    facts = (mlmodel.metadata or {}).get(METADATA_KEY)
+    if facts is None:
+        scorer = _scorer(local_model)
+        return ModelFacts(
+            scorer.transform.spec, [t.name for t in scorer.tasks], scorer.uses_sequences
+        )
+    spec_file = Path(local_model) / mlmodel.flavors["python_function"]["artifacts"]["spec"]["path"]
+    spec = FeatureSpec.model_validate(yaml.safe_load(spec_file.read_text()))
+    return ModelFacts(spec, list(facts["tasks"]), bool(facts["uses_sequences"]))
+
+
 def _scorer(local_model: str) -> Any:
     if local_model not in _SCORERS:
         import mlflow.pyfunc
@@ -83,19 +121,19 @@ def score_date(
     out_path = out_path or predictions_path(cfg, spec)
     with tempfile.TemporaryDirectory(prefix="score-model-") as tmp:
         local, facts = download_model(model_uri, tracking_uri, Path(tmp))
-        scorer = _scorer(local)
-        trained = scorer.transform.spec
+        model = model_facts(local)
+        trained = model.spec
         if spec_hash(trained) != spec_hash(spec):
             raise ScoringError(
                 f"{model_uri} was trained with another version of spec {trained.name!r} than "
                 f"{spec.name!r} here (spec hashes {spec_hash(trained)} != {spec_hash(spec)})"
             )
-        tasks = [t.name for t in scorer.tasks]
+        tasks = model.tasks
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         validated, _ = read_validated(spark, spec, cfg, date, now_ms)
         rows = wide_rows(spark, spec, validated.accepted).where(F.col("date") == date)
         raw = _raw_columns(spec, rows)
-        raw = _with_pseudo_labels(spark, spec, cfg, raw, date, scorer.uses_sequences)
+        raw = _with_pseudo_labels(spark, spec, cfg, raw, date, model.uses_sequences)
         id_types = {f.name: f.dataType.simpleString() for f in raw.schema.fields}
         schema = (
             f"example_id long, user_id {id_types['_user_id']}, item_id {id_types['_item_id']}, "

@@ -57,6 +57,42 @@ def test_pyfunc_in_a_fresh_process_scores_like_the_trainer(kuairand_run, kuairan
         np.testing.assert_allclose(mine[f"score_{task}"], theirs[f"score_{task}"], atol=1e-5)
 
 
+def test_the_scoring_driver_reads_the_model_s_facts_without_loading_it(
+    kuairand_run, kuairand_scorer, tmp_path
+) -> None:
+    """Batch scoring's driver takes the spec, the task names and the sequence flag from the
+    logged model's MLmodel metadata and spec.yaml, equal to what the loaded model says, without
+    loading it; for a model logged without that metadata (an older one) it loads the model."""
+    import yaml
+
+    from model.pyfunc_facts import METADATA_KEY
+    from pipelines import scoring
+    from pipelines.artifacts import spec_hash
+
+    local, _ = scoring.download_model(
+        kuairand_run["model_uri"], kuairand_run["tracking_uri"], tmp_path / "model"
+    )
+    scorer, _ = kuairand_scorer
+    facts = scoring.model_facts(local)
+    assert local not in scoring._SCORERS
+    assert facts.tasks == [t.name for t in scorer.tasks]
+    assert facts.uses_sequences is scorer.uses_sequences is False
+    assert spec_hash(facts.spec) == spec_hash(scorer.transform.spec)
+
+    mlmodel = Path(local) / "MLmodel"
+    doc = yaml.safe_load(mlmodel.read_text())
+    assert doc["metadata"][METADATA_KEY] == {"tasks": facts.tasks, "uses_sequences": False}
+    del doc["metadata"]
+    mlmodel.write_text(yaml.safe_dump(doc))
+    try:
+        old = scoring.model_facts(local)
+        assert local in scoring._SCORERS
+    finally:
+        scoring._SCORERS.pop(local, None)
+    assert (old.tasks, old.uses_sequences) == (facts.tasks, facts.uses_sequences)
+    assert spec_hash(old.spec) == spec_hash(facts.spec)
+
+
 def _nightly(lake: Path, run: dict, runs: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "jobs.nightly", "--date", "2022-05-08", "--runs-dir", str(runs)]
     cmd += ["--set-pipeline", f"lake={lake}", "--set-pipeline", "spark.user_partitions=2"]
