@@ -93,6 +93,30 @@ def test_the_scoring_driver_reads_the_model_s_facts_without_loading_it(
     assert spec_hash(old.spec) == spec_hash(facts.spec)
 
 
+def test_scoring_refuses_a_model_trained_on_another_spec(kuairand_run, tmp_path) -> None:
+    """A spec that differs from the model's (its spec.yaml) in what the preprocessing depends
+    on is refused with both hashes, before any data is read; moving the data is not a change."""
+    import yaml
+
+    from pipelines import scoring
+    from pipelines.artifacts import spec_hash
+    from pipelines.config import load_config
+    from pipelines.spec import FeatureSpec
+
+    trained = FeatureSpec.model_validate(
+        yaml.safe_load((kuairand_run["out"] / "spec.yaml").read_text())
+    )
+    cfg = load_config(None, [f"lake={tmp_path / 'lake'}"])
+    other = trained.model_copy(update={"tasks": trained.tasks[:-1]})
+    with pytest.raises(scoring.ScoringError, match=spec_hash(other)) as err:
+        scoring.score_date(
+            None, other, cfg, kuairand_run["model_uri"], "2022-05-08",
+            tracking_uri=kuairand_run["tracking_uri"],
+        )  # fmt: skip
+    assert spec_hash(trained) in str(err.value)
+    assert not (tmp_path / "lake").exists()
+
+
 def _nightly(lake: Path, run: dict, runs: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "jobs.nightly", "--date", "2022-05-08", "--runs-dir", str(runs)]
     cmd += ["--set-pipeline", f"lake={lake}", "--set-pipeline", "spark.user_partitions=2"]
