@@ -255,6 +255,11 @@ class MultiTaskModel(nn.Module):
         )
 
     # --- inputs -------------------------------------------------------------------------
+    @property
+    def uses_sequences(self) -> bool:
+        """Whether the model reads the behaviour sequences (DTRN's task-specific bottoms)."""
+        return self.task_bottom is not None
+
     def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings [B, K, D], input x): x is [B, K * D + F], or with DTRN the T
         task-specific bottoms [T, B, I]."""

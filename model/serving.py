@@ -286,7 +286,7 @@ class Scorer:
         self.pseudo_labels = pseudo_labels
         self.batch_size = batch_size
         # only DTRN reads the behaviour sequences: others skip building them
-        self.uses_sequences = model.task_bottom is not None
+        self.uses_sequences = model.uses_sequences
 
     @torch.no_grad()
     def score(self, df: pd.DataFrame) -> pd.DataFrame:

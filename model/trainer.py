@@ -1019,7 +1019,7 @@ def _train(
             tracker.artifact(out_dir / name)
         tracker.artifact(Path(tables.artifacts), "preprocessing")
         model_uri = tracker.log_model(
-            out_dir, Path(tables.artifacts), bundle, uses_sequences=inner.task_bottom is not None
+            out_dir, Path(tables.artifacts), bundle, uses_sequences=inner.uses_sequences
         )
         result.model_uri = model_uri
         (out_dir / "metrics.json").write_text(

@@ -27,7 +27,7 @@ from pipelines import delta_io
 from pipelines.artifacts import spec_hash
 from pipelines.build import Tables, read_validated, wide_rows
 from pipelines.config import PipelineConfig
-from pipelines.spec import FeatureSpec
+from pipelines.spec import FeatureSpec, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,6 @@ class ModelFacts:
 def model_facts(local_model: str) -> ModelFacts:
     """The facts of the pyfunc in ``local_model``, from its ``MLmodel`` metadata and its
     ``spec.yaml`` (`model.pyfunc_facts`); a model logged without them is loaded instead."""
-    import yaml
     from mlflow.models import Model
 
     from model.pyfunc_facts import METADATA_KEY
@@ -93,8 +92,7 @@ def model_facts(local_model: str) -> ModelFacts:
             scorer.transform.spec, [t.name for t in scorer.tasks], scorer.uses_sequences
         )
     spec_file = Path(local_model) / mlmodel.flavors["python_function"]["artifacts"]["spec"]["path"]
-    spec = FeatureSpec.model_validate(yaml.safe_load(spec_file.read_text()))
-    return ModelFacts(spec, list(facts["tasks"]), bool(facts["uses_sequences"]))
+    return ModelFacts(load_spec(spec_file), list(facts["tasks"]), bool(facts["uses_sequences"]))
 
 
 def _scorer(local_model: str) -> Any:

@@ -95,7 +95,7 @@ def test_the_scoring_driver_reads_the_model_s_facts_without_loading_it(
 
 def test_scoring_refuses_a_model_trained_on_another_spec(kuairand_run, tmp_path) -> None:
     """A spec that differs from the model's (its spec.yaml) in what the preprocessing depends
-    on is refused with both hashes, before any data is read; moving the data is not a change."""
+    on is refused with both hashes, before any data is read or written."""
     import yaml
 
     from pipelines import scoring
