@@ -4,7 +4,8 @@
     python -m jobs.benchmark pipeline --incremental 2,10,30     # nightly cost vs history length
     python -m jobs.benchmark pipeline --kuairand                # the real data, full + one night
     python -m jobs.benchmark train --models stan,ple --batch-sizes 512,2048   # loader + trainer
-    python -m jobs.benchmark train --configs paper --device cuda --batch-sizes 2048,8192 --tf32
+    python -m jobs.benchmark train --configs paper --device cuda --batch-sizes 2048,8192,32768 \
+        --precisions fp32,tf32,bf16 --parity                    # GPU: MFU, and AUC parity
 
 Each figure is measured end to end in a fresh process (Spark start included), as a scheduler
 would run it. Results go to stdout as a markdown table and to <out>/pipeline.json.
@@ -336,6 +337,10 @@ TRAIN_CONFIGS = {
 }
 
 
+# |valid AUC(reduced precision) - valid AUC(fp32)| accepted per task, same seed and data
+PARITY_AUC_TOLERANCE = 0.002
+
+
 def bench_train(
     work: Path,
     lake: str,
@@ -345,11 +350,18 @@ def bench_train(
     steps: int,
     nproc: int,
     device: str,
-    tf32: bool,
+    precisions: list[str],
     loader_seconds: float,
+    parity: bool = False,
+    parity_tolerance: float = PARITY_AUC_TOLERANCE,
 ) -> list[dict]:
-    """Trainer samples/s per model, config and batch size (a fresh ``jobs.train`` process each,
-    warm-up steps excluded), and the loader's own samples/s at the same batch sizes."""
+    """Trainer samples/s per model, config, batch size and precision (a fresh ``jobs.train``
+    process each, warm-up steps excluded), and the loader's own samples/s at the same batch
+    sizes. ``parity``: each run also evaluates on the valid split, and each precision other
+    than fp32 is compared with the fp32 run of the same model, config and batch
+    (`precision_parity`): the same seed and data, so the AUCs differ by the precision alone
+    (and, on a GPU, the kernels' non-deterministic sums). The evaluation comes after the timed
+    steps: the samples/s are the training steps' either way."""
     rows: list[dict] = []
     if loader_seconds > 0:
         from model.data import benchmark_loader
@@ -367,45 +379,118 @@ def bench_train(
     for config in configs:
         for model in models:
             for b in batch_sizes:
-                out = work / f"train_{config}_{model}_{b}"
-                shutil.rmtree(out, ignore_errors=True)
-                sets = [
-                    f"lake={lake}",
-                    f"output_dir={out}",
-                    f"model.name={model}",
-                    f"train.batch_size={b}",
-                    f"train.max_steps={steps}",
-                    "train.eval_splits=[]",
-                    "train.resume=false",
-                    "mlflow.enabled=false",
-                    f"train.device={device}",
-                    f"train.tf32={str(tf32).lower()}",
-                    *TRAIN_CONFIGS[config],
-                ]
-                if nproc > 1:
-                    sets.append(f"train.threads={max(1, (os.cpu_count() or 1) // nproc)}")
-                cmd = train_command(nproc, sets, python=_py())
-                out.mkdir(parents=True, exist_ok=True)
-                run = timed(cmd, out.parent / f"{out.name}.log")
-                metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-                row = {
-                    "bench": f"train {model} ({config}, {nproc} proc, {device})",
-                    "batch": b,
-                    "samples_per_s": round(metrics["train/samples_per_s"]),
-                    "steps": steps,
-                    "seconds": run["seconds"],
-                    "peak_rss_mb": run["peak_rss_mb"],
-                }
-                if "train/gpu_peak_mem_gb" in metrics:
-                    row["gpu_peak_mem_gb"] = round(metrics["train/gpu_peak_mem_gb"], 2)
-                row |= utilisation(sets, b, row["samples_per_s"], metrics, tf32)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                evaluated: dict[str, Path] = {}
+                for precision in precisions:
+                    out = work / f"train_{config}_{model}_{b}_{precision}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    sets = [
+                        f"lake={lake}",
+                        f"output_dir={out}",
+                        f"model.name={model}",
+                        f"train.batch_size={b}",
+                        f"train.max_steps={steps}",
+                        # as many epochs as steps: a large batch takes all the steps asked for
+                        # even where an epoch of the table is a few batches
+                        f"train.epochs={steps}",
+                        "train.eval_splits=[valid]" if parity else "train.eval_splits=[]",
+                        "train.resume=false",
+                        "mlflow.enabled=false",
+                        f"train.device={device}",
+                        f"train.precision={precision}",
+                        *TRAIN_CONFIGS[config],
+                    ]
+                    if nproc > 1:
+                        sets.append(f"train.threads={max(1, (os.cpu_count() or 1) // nproc)}")
+                    cmd = train_command(nproc, sets, python=_py())
+                    out.mkdir(parents=True, exist_ok=True)
+                    run = timed(cmd, out.parent / f"{out.name}.log")
+                    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+                    row = {
+                        "bench": f"train {model} ({config}, {nproc} proc, {device})",
+                        "precision": precision,
+                        "batch": b,
+                        "samples_per_s": round(metrics["train/samples_per_s"]),
+                        "steps": steps,
+                        "seconds": run["seconds"],
+                        "peak_rss_mb": run["peak_rss_mb"],
+                    }
+                    if "train/gpu_peak_mem_gb" in metrics:
+                        row["gpu_peak_mem_gb"] = round(metrics["train/gpu_peak_mem_gb"], 2)
+                    row |= utilisation(sets, b, row["samples_per_s"], metrics, precision)
+                    if parity:
+                        evaluated[precision] = out
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                for precision, run_dir in evaluated.items():
+                    if precision == "fp32" or "fp32" not in evaluated:
+                        continue
+                    check = precision_parity(evaluated["fp32"], run_dir, parity_tolerance)
+                    rows.append(
+                        {
+                            "bench": f"parity {model} ({config}): {precision} against fp32",
+                            "precision": precision,
+                            "batch": b,
+                            "steps": steps,
+                            **check,
+                        }
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+# Parity of a reduced precision with fp32 on each task's valid AUC (same seed and data): a
+# task fails when its difference exceeds the tolerance by more than PARITY_Z standard errors of
+# a paired DeLong test, that is when the valid rows show the models' AUCs to differ by more than
+# the tolerance (a rare label's AUC moves by more than any fixed tolerance on a small split).
+PARITY_Z = 1.96
+
+
+def precision_parity(
+    fp32_dir: Path, other_dir: Path, tolerance: float = PARITY_AUC_TOLERANCE
+) -> dict:
+    """A run's valid AUCs against the fp32 run's, from the two runs' predictions of the same
+    valid rows (``predictions_valid.parquet``): per task the difference, the standard error of
+    the difference (`model.metrics.paired_auc_difference`) and whether it is within
+    ``tolerance`` plus `PARITY_Z` errors; ``parity_ok`` when every task is. The tasks are those
+    with a valid AUC in the fp32 run's metrics (binary tasks, and dwell tasks binarised as
+    the trainer does: target above 1/2)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from model.metrics import paired_auc_difference
+
+    metrics = json.loads((fp32_dir / "metrics.json").read_text())["metrics"]
+    tasks = [k.split("/")[1] for k in metrics if k.startswith("valid/") and k.endswith("/auc")]
+    if not tasks:
+        raise ValueError(f"{fp32_dir}: no valid AUC to compare (train.eval_splits lacks valid)")
+    a = pq.read_table(fp32_dir / "predictions_valid.parquet")
+    b = pq.read_table(other_dir / "predictions_valid.parquet")
+    if not a["example_id"].equals(b["example_id"]):
+        raise ValueError(f"{fp32_dir} and {other_dir} predicted other valid rows")
+    per_task = {}
+    for t in sorted(tasks):
+        y = (np.asarray(a[f"target_{t}"]) > 0.5).astype(np.float64)
+        auc_a, auc_b, se = paired_auc_difference(
+            y, np.asarray(a[f"score_{t}"]), np.asarray(b[f"score_{t}"])
+        )
+        diff = auc_b - auc_a
+        per_task[t] = {
+            "auc_fp32": round(auc_a, 6),
+            "auc": round(auc_b, 6),
+            "diff": round(diff, 6),
+            "se": round(se, 6),
+            "ok": bool(abs(diff) <= tolerance + PARITY_Z * se),
+        }
+    return {
+        "auc_parity": per_task,
+        "max_abs_auc_diff": max(abs(v["diff"]) for v in per_task.values()),
+        "tolerance": tolerance,
+        "parity_ok": all(v["ok"] for v in per_task.values()),
+    }
+
+
 def utilisation(
-    sets: list[str], batch_size: int, samples_per_s: float, metrics: dict, tf32: bool
+    sets: list[str], batch_size: int, samples_per_s: float, metrics: dict, precision: str
 ) -> dict:
     """Dense FLOPs per sample (counted on one real step of the unsharded model), the achieved
     TFLOP/s, and on a known GPU the MFU against its peak for the precision used."""
@@ -428,15 +513,16 @@ def utilisation(
     achieved = flops * samples_per_s / 1e12
     out = {"dense_gflop_per_sample": round(flops / 1e9, 4), "achieved_tflops": round(achieved, 3)}
     if "train/gpu_peak_mem_gb" in metrics and torch.cuda.is_available():
-        peak = peak_tflops(torch.cuda.get_device_name(0), "tf32" if tf32 else "fp32")
+        peak = peak_tflops(torch.cuda.get_device_name(0), precision)
         if peak:
             out["mfu"] = round(achieved / peak, 4)
     return out
 
 
 def train_markdown(rows: list[dict]) -> str:
-    cols = ["bench", "batch", "samples_per_s", "steps", "seconds", "peak_rss_mb", "gpu_peak_mem_gb",
-            "dense_gflop_per_sample", "achieved_tflops", "mfu"]  # fmt: skip
+    cols = ["bench", "precision", "batch", "samples_per_s", "steps", "seconds", "peak_rss_mb",
+            "gpu_peak_mem_gb", "dense_gflop_per_sample", "achieved_tflops", "mfu",
+            "max_abs_auc_diff", "parity_ok"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
@@ -486,7 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--steps", type=int, default=60, help="training steps per measurement")
     tp.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per run")
     tp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    tp.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
+    tp.add_argument(
+        "--precisions",
+        default="fp32",
+        help="comma list of train.precision values: fp32, tf32 (CUDA only), bf16",
+    )
+    tp.add_argument(
+        "--parity",
+        action="store_true",
+        help="evaluate every run on the valid split and compare each precision's AUCs with fp32's",
+    )
+    tp.add_argument("--parity-tolerance", type=float, default=PARITY_AUC_TOLERANCE)
     tp.add_argument("--loader-seconds", type=float, default=15.0, help="0: skip the loader")
     tp.add_argument("--work", default="/tmp/lifecycle-bench")
     args = p.parse_args(argv)
@@ -514,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
             args.steps,
             args.nproc,
             args.device,
-            args.tf32,
+            args.precisions.split(","),
             args.loader_seconds,
+            parity=args.parity,
+            parity_tolerance=args.parity_tolerance,
         )
         (work / "train.json").write_text(
             json.dumps({"machine": machine, "results": rows}, indent=2)

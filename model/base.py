@@ -206,6 +206,11 @@ class ModelOutput:
     logits: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def float(self) -> ModelOutput:
+        """The outputs in fp32 (those of an autocast forward are bf16): losses and scores are
+        computed in fp32."""
+        return ModelOutput(self.logits.float(), {k: v.float() for k, v in self.aux.items()})
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x [B] over real rows (mask [B]); 0 for an all-padding batch (keeps the graph)."""
@@ -326,15 +331,31 @@ class MultiTaskTrain(nn.Module):
     model's targets [B, T].
     """
 
-    def __init__(self, model: MultiTaskModel) -> None:
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        autocast_dtype: torch.dtype | None = None,
+        device_type: str = "cpu",
+    ) -> None:
         super().__init__()
         self.model = model
+        # Mixed precision of the forward (``train.precision=bf16``): autocast runs the matmuls
+        # in ``autocast_dtype``; the parameters, the losses and the Beta state stay fp32. The
+        # device type is fixed here, not read from the batch: TorchRec's pipeline traces this
+        # forward with torch.fx, where the batch is a proxy.
+        self.autocast_dtype = autocast_dtype
+        self.device_type = device_type
         self.register_buffer("weights", model.task_weights(), persistent=False)
 
     def forward(
         self, batch: Batch
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        out = self.model(batch)
+        if self.autocast_dtype is None:
+            out = self.model(batch)
+        else:
+            with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+                out = self.model(batch)
+            out = out.float()
         per_task = self.model.loss(batch, out)
         loss = (per_task * self.weights).sum()
         return loss, (per_task.detach(), out.logits.detach(), self.model.labels(batch))

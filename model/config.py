@@ -158,8 +158,10 @@ class TrainLoopConfig(_Strict):
     sharding: Literal["table_wise", "row_wise", "column_wise", "data_parallel"] = "table_wise"
     # CUDA step: TorchRec's TrainPipelineSparseDist (auto) or a plain loop (simple)
     pipeline: Literal["auto", "sparse_dist", "simple"] = "auto"
-    # TF32 matmuls on CUDA (fp32 otherwise)
-    tf32: bool = False
+    # the dense arch's arithmetic: fp32; tf32 (fp32 matmuls on CUDA tensor cores, CUDA only);
+    # bf16 (autocast of the forward: matmuls in bfloat16, weights, losses and the optimizer's
+    # state in fp32). The embedding tables stay fp32 in every case.
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     # torch intra-op threads per process (0: torch's default)
     threads: int = Field(0, ge=0)
     # Stage_single (STAN Sec. 4): train and evaluate on the rows of one rule-based stage only

@@ -88,7 +88,11 @@ class LatentStage(nn.Module):
         preference: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        return self.state.update_and_sample(user_key, event_time_ms, example_id, preference, mask)
+        # the state's counts are bookkeeping, not arithmetic to speed up: fp32 under autocast
+        with torch.autocast(preference.device.type, enabled=False):
+            return self.state.update_and_sample(
+                user_key, event_time_ms, example_id, preference.float(), mask
+            )
 
 
 class STAN(PLE):

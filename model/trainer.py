@@ -15,6 +15,7 @@ Rank 0 alone logs to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -722,18 +723,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def train(cfg: TrainConfig, spec_overrides: list[str] | None = None) -> TrainResult:
     """Train ``cfg.model.name`` on the examples table; see the module docstring."""
     device = _device(cfg)
+    check_precision(cfg.train.precision, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if device.type == "cuda" and cfg.train.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     # Everything that can fail on bad input fails here, before the process group starts.
     bundle = prepare(cfg, spec_overrides)
     rank, world, created = init_distributed(device)
     tracker: _Tracker | None = None
     try:
-        tracker = _Tracker(cfg, rank)
-        result = _train(cfg, bundle, device, rank, world, tracker)
+        with _matmul_precision(cfg.train.precision):
+            tracker = _Tracker(cfg, rank)
+            result = _train(cfg, bundle, device, rank, world, tracker)
         tracker.end()
         return result
     except BaseException:
@@ -743,6 +743,36 @@ def train(cfg: TrainConfig, spec_overrides: list[str] | None = None) -> TrainRes
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """TF32 is a format of NVIDIA's tensor cores: on another device a "tf32" run would be an
+    fp32 run under another name (a benchmark row or a parity check that measures nothing)."""
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(
+            f"train.precision=tf32 needs a CUDA device (the run's is {device.type}): use fp32 "
+            "or bf16"
+        )
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str) -> Iterator[None]:
+    """TF32 matmuls and convolutions for the run (``train.precision=tf32``); the process's
+    settings are restored after it (a training in a notebook or a test leaves them as found)."""
+    if precision != "tf32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype the forward is autocast to for ``train.precision`` (None: no autocast)."""
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def _train(
@@ -789,7 +819,8 @@ def _train(
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     model = bundle.build()
-    dmp, optimizer = shard(MultiTaskTrain(model), cfg, device, world)
+    wrapped = MultiTaskTrain(model, autocast_dtype(tc.precision), device.type)
+    dmp, optimizer = shard(wrapped, cfg, device, world)
     inner = _inner(dmp)
     beta_state = inner.beta_state if isinstance(inner, STAN) and inner.use_beta else None
     if beta_state is not None:

@@ -371,3 +371,52 @@ def test_large_inputs_match_references():
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _delong_by_pairs(labels, a, b):
+    """DeLong's paired variance straight from its definition: per-row structural components
+    as means of the pairwise kernel (1 above, 1/2 tied), O(positives x negatives)."""
+
+    def components(s):
+        x, y = s[labels == 1], s[labels == 0]
+        psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+        return psi.mean(), psi.mean(axis=1), psi.mean(axis=0)
+
+    auc_a, v10a, v01a = components(a)
+    auc_b, v10b, v01b = components(b)
+    m_, n_ = len(v10a), len(v01a)
+
+    def cov(u, v):
+        return ((u - u.mean()) * (v - v.mean())).sum() / (len(u) - 1)
+
+    var = (cov(v10a, v10a) + cov(v10b, v10b) - 2 * cov(v10a, v10b)) / m_
+    var += (cov(v01a, v01a) + cov(v01b, v01b) - 2 * cov(v01a, v01b)) / n_
+    return auc_a, auc_b, math.sqrt(max(var, 0.0))
+
+
+@SETTINGS
+@given(ROWS, st.integers(0, 2**32 - 1))
+def test_paired_auc_difference_matches_delong_by_pairs(rows, seed):
+    _, labels, scores, _ = _columns(rows)
+    assume(1 < labels.sum() < len(labels) - 1)
+    # a second scoring: the first with noise on the same 0.1 grid (ties within and across)
+    noise = np.random.default_rng(seed).integers(-2, 3, len(scores))
+    other = np.clip(scores + noise, 0, 10).astype(np.float64)
+    got = m.paired_auc_difference(labels, scores, other)
+    want = _delong_by_pairs(labels, scores, other)
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got[0] == pytest.approx(m.auc(labels, scores), abs=1e-12)
+
+
+def test_paired_auc_difference_hand():
+    # the same scores: no difference and no error; one class only: undefined
+    y = np.array([0, 1, 0, 1, 1, 0])
+    s = np.array([0.1, 0.8, 0.3, 0.6, 0.2, 0.5])
+    a, b, se = m.paired_auc_difference(y, s, s)
+    assert a == b == pytest.approx(7 / 9) and se == 0.0
+    # the top positive and the top negative swapped: 7 of 9 pairs in order -> 5 (by hand)
+    t = np.array([0.1, 0.5, 0.3, 0.6, 0.2, 0.8])
+    a, b, se = m.paired_auc_difference(y, s, t)
+    assert (a, b) == (pytest.approx(7 / 9), pytest.approx(5 / 9)) and se > 0
+    with pytest.raises(ValueError, match="only one class"):
+        m.paired_auc_difference(np.ones(3), s[:3], s[:3])

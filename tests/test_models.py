@@ -65,6 +65,39 @@ def test_forward_backward_shapes(name: str) -> None:
     assert bool((scores[:, binary] <= 1).all())
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_bf16_autocast_runs_the_matmuls_in_bf16_and_the_loss_in_fp32(name: str) -> None:
+    """``train.precision=bf16``: every Linear of the dense arch computes in bfloat16, the
+    logits, losses, gradients and parameters are fp32, and the loss is the fp32 loss to
+    bfloat16's precision (8 bits of mantissa)."""
+    batch = random_batch(tiny_layout(), 16, n_pad=3, seed=2)
+    fp32 = _model(name)
+    fp32.train()
+    loss32, (per32, _, _) = MultiTaskTrain(fp32)(batch)
+    model = _model(name)
+    model.train()
+    linear_dtypes: list[torch.dtype] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: linear_dtypes.append(out.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    loss, (per_task, logits, _) = MultiTaskTrain(model, torch.bfloat16, "cpu")(batch)
+    for h in hooks:
+        h.remove()
+    assert linear_dtypes and set(linear_dtypes) == {torch.bfloat16}
+    assert loss.dtype == per_task.dtype == logits.dtype == torch.float32
+    torch.testing.assert_close(per_task, per32.detach(), rtol=0.05, atol=0.02)
+    loss.backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            assert p.dtype == p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all())
+    if isinstance(model, STAN) and model.use_beta:
+        # the Beta state's counts are updated in fp32 (float64 buffers), not in bfloat16
+        state = model.beta_state
+        assert state.alpha.dtype == torch.float64 and state.alpha.shape[0] > 0
+
+
 @pytest.mark.parametrize("name", ["mlp_single", "mlp_shared", "mmoe", "ple", "aitm"])
 def test_each_tower_outputs_one_logit_per_sample(name: str) -> None:
     model = _model(name)

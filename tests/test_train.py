@@ -188,6 +188,31 @@ def test_plain_python_single_process(kuairand_train_lake, uninterrupted: Path, t
         assert mine[f"{key}/relaimpr_ndcg@5"] == pytest.approx(expected)
 
 
+def test_bf16_training_under_torchrun_keeps_the_fp32_run_s_metrics(
+    uninterrupted: Path, kuairand_train_lake, tmp_path
+) -> None:
+    """``train.precision=bf16`` through the sharded 2-process path: the run of the same seed and
+    data as the fp32 run learns as it does, and the benchmark's parity check (paired DeLong on
+    the two runs' predictions of the same valid rows) finds the common labels' AUCs equal."""
+    from jobs.benchmark import precision_parity
+
+    out = tmp_path / "bf16"
+    args = _args(kuairand_train_lake, out, "train.precision=bf16", "train.checkpoint_every=0")
+    proc = _torchrun([*args, "--set", "mlflow.enabled=false"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    fp32 = json.loads((uninterrupted / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [h["step"] for h in fp32]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert np.mean([h["loss"] for h in history[-3:]]) < 0.9 * np.mean(
+        [h["loss"] for h in history[:2]]
+    )
+    parity = precision_parity(uninterrupted, out)["auc_parity"]
+    for task in ("click", "long_view"):
+        assert parity[task]["ok"], parity[task]
+        assert abs(parity[task]["diff"]) < 0.02, parity[task]
+
+
 def test_stage_thresholds_are_medians_of_training_window_user_rates(kuairand_train_lake) -> None:
     spec = kuairand_train_lake["spec"]
     path = kuairand_train_lake["lake"] + "/kuairand/examples"

@@ -76,3 +76,76 @@ def test_dense_flops_per_sample_match_a_count_of_the_layers() -> None:
     assert flops["train"] == 3 * expected
     assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
     assert peak_tflops("Intel Xeon", "fp32") is None
+
+
+def test_precision_is_validated_and_tf32_needs_cuda() -> None:
+    import torch
+
+    from model.trainer import autocast_dtype, check_precision
+
+    with pytest.raises(ValueError, match=r"train\.precision"):
+        load_train_config(None, ["train.precision=fp16"])
+    assert load_train_config(None, ["train.precision=bf16"]).train.precision == "bf16"
+    with pytest.raises(ValueError, match=r"train.precision=tf32 needs a CUDA device .* cpu"):
+        check_precision("tf32", torch.device("cpu"))
+    check_precision("bf16", torch.device("cpu"))
+    assert autocast_dtype("bf16") == torch.bfloat16
+    assert autocast_dtype("fp32") is None and autocast_dtype("tf32") is None
+
+
+def _predicted(root, name, labels, scores):
+    """A run's output folder as `precision_parity` reads it: predictions and metrics."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = root / name
+    out.mkdir()
+    cols = {"example_id": np.arange(len(next(iter(labels.values()))))}
+    for task, s in scores.items():
+        cols[f"score_{task}"], cols[f"target_{task}"] = s, labels[task]
+    pq.write_table(pa.table(cols), out / "predictions_valid.parquet")
+    metrics = {f"valid/{t}/auc": auc(labels[t] > 0.5, s) for t, s in scores.items()}
+    (out / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+    return out
+
+
+def test_precision_parity_compares_each_task_s_valid_auc_with_fp32(tmp_path) -> None:
+    from jobs.benchmark import precision_parity
+    from model.metrics import paired_auc_difference
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    click = (rng.random(n) < 0.4).astype(np.float32)
+    rare = (rng.random(n) < 0.005).astype(np.float32)  # a label with ~20 positives
+    dwell = rng.random(n).astype(np.float32)  # a dwell task's soft target: AUC of > 1/2
+    signal = {"click": click, "rare": rare, "dwell": (dwell > 0.5).astype(np.float32)}
+    base = {t: y + rng.normal(0, 1.0, n) for t, y in signal.items()}
+    labels = {"click": click, "rare": rare, "dwell": dwell}
+    fp32 = _predicted(tmp_path, "fp32", labels, base)
+    # a close run: a little noise on every score
+    near = {t: s + rng.normal(0, 0.02, n) for t, s in base.items()}
+    out = precision_parity(fp32, _predicted(tmp_path, "near", labels, near), tolerance=0.002)
+    assert set(out["auc_parity"]) == {"click", "dwell", "rare"} and out["parity_ok"] is True
+    a, b, se = paired_auc_difference(click, base["click"], near["click"])
+    assert out["auc_parity"]["click"]["diff"] == pytest.approx(b - a, abs=1e-6)
+    assert out["auc_parity"]["click"]["se"] == pytest.approx(se, abs=1e-6)
+    # a worse click model fails; the rare label moves by more than the tolerance, but not by
+    # more than the tolerance and 1.96 of its (larger) errors
+    worse = {
+        **near,
+        "click": base["click"] + rng.normal(0, 1.0, n),
+        "rare": base["rare"] + rng.normal(0, 0.1, n),
+    }
+    out = precision_parity(fp32, _predicted(tmp_path, "worse", labels, worse), tolerance=0.002)
+    assert out["auc_parity"]["click"]["diff"] < -0.02 and out["parity_ok"] is False
+    rare_check = out["auc_parity"]["rare"]
+    assert 0.002 < abs(rare_check["diff"]) <= 0.002 + 1.96 * rare_check["se"], rare_check
+    assert rare_check["ok"] and out["auc_parity"]["dwell"]["ok"]
+    assert out["max_abs_auc_diff"] == pytest.approx(-out["auc_parity"]["click"]["diff"])
+    # runs that predicted other rows are refused
+    other = _predicted(tmp_path, "other", {t: y[:-1] for t, y in labels.items()},
+                       {t: s[:-1] for t, s in near.items()})  # fmt: skip
+    with pytest.raises(ValueError, match="other valid rows"):
+        precision_parity(fp32, other)
