@@ -156,7 +156,8 @@ class TrainLoopConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # table_wise on CPU; row_wise / column_wise also allowed on CUDA
     sharding: Literal["table_wise", "row_wise", "column_wise", "data_parallel"] = "table_wise"
-    # CUDA step: TorchRec's TrainPipelineSparseDist (auto) or a plain loop (simple)
+    # the step: TorchRec's TrainPipelineSparseDist (auto: on CUDA, where it can trace the
+    # model; sparse_dist: always, an error where it cannot) or a plain loop (simple)
     pipeline: Literal["auto", "sparse_dist", "simple"] = "auto"
     # the dense arch's arithmetic: fp32; tf32 (fp32 matmuls on CUDA tensor cores, CUDA only);
     # bf16 (autocast of the forward: matmuls in bfloat16, weights, losses and the optimizer's

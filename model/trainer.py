@@ -892,7 +892,8 @@ def _train(
     if bar is not None:
         bar.update(step)
     dmp.train()
-    step_fn = _Step(dmp, optimizer, device, tc.pipeline)
+    pipelined = use_sparse_dist(device, tc.pipeline, dmp, cfg.model.name)
+    step_fn = _Step(dmp, optimizer, device, pipelined)
     rows_here = train_loader.dataset.rows_per_rank[rank]
     batch_rows = tc.batch_size
     warmup = min(3, max(total_steps - step - 1, 0))  # steps left out of the throughput
@@ -923,7 +924,7 @@ def _train(
             train_loader.load_state_dict({**train_loader.state_dict(), "batches_yielded": in_epoch})
         elif beta_state is not None:
             beta_state.reset()  # each epoch replays the chronology from the start
-        batches = iter(_device_batches(train_loader, device, tc.pipeline))
+        batches = iter(_device_batches(train_loader, device, pipelined))
         while step < total_steps:
             try:
                 loss, per_task = step_fn(batches)
@@ -1072,33 +1073,71 @@ def _train(
     return result
 
 
-def _device_batches(loader: ExamplesLoader, device: torch.device, pipeline: str) -> Iterator[Batch]:
+def _device_batches(
+    loader: ExamplesLoader, device: torch.device, pipelined: bool
+) -> Iterator[Batch]:
     """Batches as the step function wants them: host batches for TorchRec's pipeline (it
     copies them itself, on its own stream), device batches otherwise."""
     for batch in loader:
-        if device.type == "cpu" or _uses_sparse_dist(device, pipeline):
+        if device.type == "cpu" or pipelined:
             yield batch
         else:
             yield batch.to(device, non_blocking=True)
 
 
-def _uses_sparse_dist(device: torch.device, pipeline: str) -> bool:
-    return device.type == "cuda" and pipeline in ("auto", "sparse_dist")
+def pipeline_trace_error(dmp: nn.Module) -> str | None:
+    """Why TorchRec's ``TrainPipelineSparseDist`` cannot run this sharded model (None: it can).
+
+    The pipeline finds each sharded module's input by tracing the model with torch.fx, every
+    module without a sharded child as a leaf; a model whose forward iterates over a leaf's
+    output or branches on a tensor fails that trace at its first step. The same trace, done
+    here before any batch is drawn."""
+    from torchrec.distributed.train_pipeline.utils import Tracer, _get_leaf_module_names
+
+    module = dmp.module if hasattr(dmp, "module") else dmp
+    try:
+        Tracer(leaf_modules=_get_leaf_module_names(module)).trace(module)
+    except Exception as e:  # the trace's errors are of several types (TraceError, RuntimeError)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+def use_sparse_dist(device: torch.device, pipeline: str, dmp: nn.Module, model_name: str) -> bool:
+    """Whether the step runs through TorchRec's ``TrainPipelineSparseDist``: ``sparse_dist``
+    asks for it (on any device; on CPU it has no copy stream to overlap), ``auto`` on CUDA where
+    the pipeline can trace the model, else the plain loop (with a warning naming why)."""
+    if pipeline == "simple" or (pipeline == "auto" and device.type != "cuda"):
+        return False
+    why = pipeline_trace_error(dmp)
+    if why is None:
+        return True
+    if pipeline == "sparse_dist":
+        raise ValueError(
+            f"train.pipeline=sparse_dist: TorchRec's pipeline cannot trace model {model_name!r} "
+            f"({why}); use train.pipeline=simple or auto"
+        )
+    log.warning(
+        "TorchRec's pipeline cannot trace model %r (%s): the plain training loop runs instead "
+        "(no overlap of the next batch's copy and all-to-all with the step)",
+        model_name,
+        why,
+    )
+    return False
 
 
 class _Step:
     """One training step from a batch iterator -> (loss, per-task losses); raises
     StopIteration at the end of the iterator.
 
-    On CUDA (``train.pipeline`` auto / sparse_dist) TorchRec's ``TrainPipelineSparseDist``
-    overlaps the host-to-device copy and the sparse all-to-all of the next batch with this
-    step's compute; elsewhere a plain forward / backward / step.
+    With ``pipelined`` (`use_sparse_dist`) TorchRec's ``TrainPipelineSparseDist`` overlaps the
+    host-to-device copy and the sparse all-to-all of the next batch with this step's compute;
+    otherwise a plain forward / backward / step.
     """
 
-    def __init__(self, dmp: nn.Module, optimizer: Any, device: torch.device, pipeline: str):
+    def __init__(self, dmp: nn.Module, optimizer: Any, device: torch.device, pipelined: bool):
         self.dmp, self.optimizer = dmp, optimizer
         self.pipeline = None
-        if _uses_sparse_dist(device, pipeline):
+        if pipelined:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
             self.pipeline = TrainPipelineSparseDist(
