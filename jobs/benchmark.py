@@ -337,8 +337,13 @@ TRAIN_CONFIGS = {
 }
 
 
-# |valid AUC(reduced precision) - valid AUC(fp32)| accepted per task, same seed and data
+# Parity of a reduced precision with fp32 on each task's valid AUC (same seed and data): a
+# task fails when its difference exceeds PARITY_AUC_TOLERANCE by more than PARITY_Z standard
+# errors of a paired DeLong test, that is when the valid rows show the models' AUCs to differ
+# by more than the tolerance (a rare label's AUC moves by more than any fixed tolerance on a
+# small split).
 PARITY_AUC_TOLERANCE = 0.002
+PARITY_Z = 1.96
 
 
 def bench_train(
@@ -421,10 +426,9 @@ def bench_train(
                         evaluated[precision] = out
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                for precision, run_dir in evaluated.items():
-                    if precision == "fp32" or "fp32" not in evaluated:
-                        continue
-                    check = precision_parity(evaluated["fp32"], run_dir, parity_tolerance)
+                fp32_dir = evaluated.pop("fp32", None)
+                for precision, run_dir in evaluated.items() if fp32_dir else ():
+                    check = precision_parity(fp32_dir, run_dir, parity_tolerance)
                     rows.append(
                         {
                             "bench": f"parity {model} ({config}): {precision} against fp32",
@@ -436,13 +440,6 @@ def bench_train(
                     )
                     print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-# Parity of a reduced precision with fp32 on each task's valid AUC (same seed and data): a
-# task fails when its difference exceeds the tolerance by more than PARITY_Z standard errors of
-# a paired DeLong test, that is when the valid rows show the models' AUCs to differ by more than
-# the tolerance (a rare label's AUC moves by more than any fixed tolerance on a small split).
-PARITY_Z = 1.96
 
 
 def precision_parity(
