@@ -9,21 +9,25 @@ T = the model's tasks, T_s = the spec's tasks (label columns of a :class:`model.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from model.config import ModelConfig
 from model.data import Batch
 from pipelines.spec import FeatureSpec, TaskKind
 
 __all__ = [
+    "EagerCall",
     "FeatureLayout",
+    "Lookups",
     "ModelOutput",
     "MultiTaskModel",
     "MultiTaskTrain",
@@ -194,8 +198,39 @@ class SparseArch(nn.Module):
         )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        by_key = self.ebc(features).to_dict()
+        return self.stack(self.ebc(features))
+
+    def stack(self, pooled: KeyedTensor) -> torch.Tensor:
+        """The EBC's output (``KeyedTensor``) -> [B, K, D] in ``layout.sparse_keys`` order."""
+        by_key = pooled.to_dict()
         return torch.stack([by_key[k] for k in self.layout.sparse_keys], dim=1)
+
+
+class Lookups(NamedTuple):
+    """What the sharded modules return for a batch: the pooled lookups (``KeyedTensor``) and,
+    for DTRN, the sequence lookups (key -> ``JaggedTensor``, else None)."""
+
+    pooled: KeyedTensor
+    sequences: dict[str, JaggedTensor] | None
+
+
+class EagerCall(nn.Module):
+    """Calls ``fn`` as one module, so that torch.fx records the call without looking inside.
+
+    TorchRec's ``TrainPipelineSparseDist`` traces the training module with torch.fx to find
+    each sharded module's input (it must be read straight off the batch), treating every module
+    without a sharded child as a leaf. The dense half of a step (loops over a module's outputs,
+    branches on tensors, HTLNet's ``autograd.grad``) cannot be traced and need not be: it runs
+    inside this leaf, eagerly. It has no parameters of its own; ``fn``'s owner holds them (the
+    reference is not registered, so the owner is not a submodule of this module).
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        object.__setattr__(self, "fn", fn)
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
 
 
 @dataclass
@@ -265,13 +300,26 @@ class MultiTaskModel(nn.Module):
         """Whether the model reads the behaviour sequences (DTRN's task-specific bottoms)."""
         return self.task_bottom is not None
 
-    def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookups(self, batch: Batch) -> Lookups:
+        """The embedding lookups of a batch: only the (sharded) embedding modules, each fed a
+        field of the batch, so that TorchRec's pipeline can run them ahead of the step."""
+        pooled = self.sparse_arch.ebc(batch.sparse_features)
+        if self.task_bottom is None:
+            return Lookups(pooled, None)
+        return Lookups(pooled, self.task_bottom.lookup(batch.sequences))
+
+    def embed(
+        self, batch: Batch, looked_up: Lookups | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings [B, K, D], input x): x is [B, K * D + F], or with DTRN the T
-        task-specific bottoms [T, B, I]."""
-        emb = self.sparse_arch(batch.sparse_features)
+        task-specific bottoms [T, B, I]. ``looked_up``: the batch's :meth:`lookups` (done
+        here when not given)."""
+        if looked_up is None:
+            looked_up = self.lookups(batch)
+        emb = self.sparse_arch.stack(looked_up.pooled)
         x = torch.cat([emb.flatten(1), batch.dense_features], dim=1)
         if self.task_bottom is not None:
-            x = self.task_bottom(x, emb[:, self.item_position], batch.sequences)
+            x = self.task_bottom(x, emb[:, self.item_position], looked_up.sequences)
         return emb, x
 
     def labels(self, batch: Batch) -> torch.Tensor:
@@ -294,7 +342,12 @@ class MultiTaskModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: Batch) -> ModelOutput:
-        _, x = self.embed(batch)
+        return self.dense_forward(self.lookups(batch), batch)
+
+    def dense_forward(self, looked_up: Lookups, batch: Batch) -> ModelOutput:
+        """The model after its embedding lookups (what subclasses with auxiliary outputs
+        override)."""
+        _, x = self.embed(batch, looked_up)
         return ModelOutput(self.heads(x, batch))
 
     def task_losses(self, batch: Batch, out: ModelOutput) -> torch.Tensor:
@@ -340,21 +393,26 @@ class MultiTaskTrain(nn.Module):
         super().__init__()
         self.model = model
         # Mixed precision of the forward (``train.precision=bf16``): autocast runs the matmuls
-        # in ``autocast_dtype``; the parameters, the losses and the Beta state stay fp32. The
-        # device type is fixed here, not read from the batch: TorchRec's pipeline traces this
-        # forward with torch.fx, where the batch is a proxy.
+        # in ``autocast_dtype``; the parameters, the losses and the Beta state stay fp32.
         self.autocast_dtype = autocast_dtype
         self.device_type = device_type
         self.register_buffer("weights", model.task_weights(), persistent=False)
+        self.dense_step = EagerCall(self._dense_step)
 
     def forward(
         self, batch: Batch
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # TorchRec's pipeline traces this: the lookups, then the rest as one opaque call
+        return self.dense_step(self.model.lookups(batch), batch)
+
+    def _dense_step(
+        self, looked_up: Lookups, batch: Batch
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.autocast_dtype is None:
-            out = self.model(batch)
+            out = self.model.dense_forward(looked_up, batch)
         else:
             with torch.autocast(self.device_type, dtype=self.autocast_dtype):
-                out = self.model(batch)
+                out = self.model.dense_forward(looked_up, batch)
             out = out.float()
         per_task = self.model.loss(batch, out)
         loss = (per_task * self.weights).sum()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 Condition = Literal["ln", "qkv", "ffn1", "ffn2"]
 SEQUENCE_TABLE = "t_seq_item"
@@ -291,18 +291,15 @@ class TaskRefinementModule(nn.Module):
 
 
 def padded_sequences(
-    collection: nn.Module, sequences: KeyedJaggedTensor, keys: list[str]
+    by_key: dict[str, JaggedTensor], keys: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Look the sequences up and pad them: (embeddings [M, B, L, D], valid [M, B, L]) with
-    L the longest sequence of the batch (at least 1)."""
-    by_key = collection(sequences)
-    lengths = sequences.lengths().view(len(sequences.keys()), -1)
-    L = max(1, int(lengths.max())) if lengths.numel() else 1
+    """An ``EmbeddingCollection``'s lookups of the sequences, padded: (embeddings [M, B, L, D],
+    valid [M, B, L]) with L the longest sequence of the batch (at least 1)."""
+    lengths = [by_key[key].lengths() for key in keys]
+    L = max([1] + [int(n.max()) for n in lengths if n.numel()])
     embs, valids = [], []
-    for key in keys:
-        jt = by_key[key]
-        lens = jt.lengths()
-        embs.append(jt.to_padded_dense(desired_length=L, padding_value=0.0))
+    for key, lens in zip(keys, lengths, strict=True):
+        embs.append(by_key[key].to_padded_dense(desired_length=L, padding_value=0.0))
         valids.append(torch.arange(L, device=lens.device)[None, :] < lens[:, None])
     return torch.stack(embs), torch.stack(valids)
 
@@ -310,7 +307,8 @@ def padded_sequences(
 class DTRNBottom(nn.Module):
     """Sequences + shared input -> T task-specific bottoms (TIM, then TRM).
 
-    Call: (x [B, I], target item embedding [B, D], sequences KJT) -> [T, B, I + M * D].
+    Call: (x [B, I], target item embedding [B, D], the sequences' :meth:`lookup`) ->
+    [T, B, I + M * D].
     """
 
     def __init__(
@@ -349,17 +347,21 @@ class DTRNBottom(nn.Module):
         self.trm = TaskRefinementModule(n_tasks, self.out_dim, reduction)
         self.n_tasks = n_tasks
 
-    def interests(self, target: torch.Tensor, sequences: KeyedJaggedTensor | None) -> torch.Tensor:
-        """[T, M, B, D]."""
-        if sequences is None:
+    def lookup(self, sequences: KeyedJaggedTensor | None) -> dict[str, JaggedTensor]:
+        """The batch's sequences looked up in the (sharded) collection: key -> [B, L_b, D]."""
+        if sequences is None:  # an identity test: also holds for torch.fx's proxy of a KJT
             raise ValueError("DTRN needs the batch's behaviour sequences (the spec has none?)")
-        seq, valid = padded_sequences(self.sequence_collection, sequences, self.sequence_keys)
+        return self.sequence_collection(sequences)
+
+    def interests(self, target: torch.Tensor, looked_up: dict[str, JaggedTensor]) -> torch.Tensor:
+        """[T, M, B, D] from the target item [B, D] and the sequences' :meth:`lookup`."""
+        seq, valid = padded_sequences(looked_up, self.sequence_keys)
         return self.tim(seq, valid, target)
 
     def forward(
-        self, x: torch.Tensor, target: torch.Tensor, sequences: KeyedJaggedTensor | None
+        self, x: torch.Tensor, target: torch.Tensor, looked_up: dict[str, JaggedTensor]
     ) -> torch.Tensor:
-        interests = self.interests(target, sequences)
+        interests = self.interests(target, looked_up)
         T, M, B, D = interests.shape
         raw = torch.cat(
             [x.unsqueeze(0).expand(T, -1, -1), interests.permute(0, 2, 1, 3).reshape(T, B, M * D)],

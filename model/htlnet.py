@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.base import FeatureLayout, ModelOutput, MultiTaskModel, TaskConfig, TaskType
+from model.base import FeatureLayout, Lookups, ModelOutput, MultiTaskModel, TaskConfig, TaskType
 from model.blocks import MLP
 from model.config import ModelConfig
 from model.data import Batch
@@ -142,8 +142,8 @@ class HTLNet(MultiTaskModel):
                 passed.append(self.from_label(self.label_embedding(k, logit)))
         return torch.stack(logits, dim=1)
 
-    def forward(self, batch: Batch) -> ModelOutput:
-        _, x = self.embed(batch)
+    def dense_forward(self, looked_up: Lookups, batch: Batch) -> ModelOutput:
+        _, x = self.embed(batch, looked_up)
         h = self.shared(x)
         return ModelOutput(self.chain(h), {"shared": h})
 

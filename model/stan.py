@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.base import FeatureLayout, ModelOutput, TaskConfig, masked_mean
+from model.base import FeatureLayout, Lookups, ModelOutput, TaskConfig, masked_mean
 from model.beta_state import BetaStageState
 from model.blocks import MLP, Tower
 from model.config import ModelConfig
@@ -129,8 +129,8 @@ class STAN(PLE):
     def beta_state(self) -> BetaStageState:
         return self.latent_stage.state
 
-    def forward(self, batch: Batch) -> ModelOutput:
-        emb, x = self.embed(batch)
+    def dense_forward(self, looked_up: Lookups, batch: Batch) -> ModelOutput:
+        emb, x = self.embed(batch, looked_up)
         logits = self.heads(x, batch)
         user = emb.index_select(1, self.user_positions)
         preference = torch.sigmoid(self.preference(user))

@@ -1089,9 +1089,10 @@ def pipeline_trace_error(dmp: nn.Module) -> str | None:
     """Why TorchRec's ``TrainPipelineSparseDist`` cannot run this sharded model (None: it can).
 
     The pipeline finds each sharded module's input by tracing the model with torch.fx, every
-    module without a sharded child as a leaf; a model whose forward iterates over a leaf's
-    output or branches on a tensor fails that trace at its first step. The same trace, done
-    here before any batch is drawn."""
+    module without a sharded child as a leaf; a forward that iterates over a leaf's output or
+    branches on a tensor outside a leaf fails that trace at its first step (``MultiTaskTrain``
+    keeps such code in one leaf, ``model.base.EagerCall``). The same trace, done here before
+    any batch is drawn."""
     from torchrec.distributed.train_pipeline.utils import Tracer, _get_leaf_module_names
 
     module = dmp.module if hasattr(dmp, "module") else dmp

@@ -92,7 +92,7 @@ def test_padded_sequences_from_an_embedding_collection() -> None:
     model = _dtrn()
     batch = random_batch(tiny_layout(), 9, seed=2)
     coll = model.task_bottom.sequence_collection
-    emb, valid = padded_sequences(coll, batch.sequences, tiny_layout().sequence_keys)
+    emb, valid = padded_sequences(coll(batch.sequences), tiny_layout().sequence_keys)
     lengths = batch.sequences.lengths().view(M, -1)
     assert emb.shape == (M, 9, int(lengths.max()), D)
     assert torch.equal(valid.sum(-1), lengths)
