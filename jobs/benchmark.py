@@ -370,8 +370,8 @@ def bench_train(
     rows: list[dict] = []
     if loader_seconds > 0:
         from model.data import benchmark_loader
-        from pipelines.artifacts import load as load_artifacts
-        from pipelines.build import Tables
+        from pipelines.lake import Tables
+        from pipelines.preprocessing import load as load_artifacts
         from pipelines.spec import load_spec
 
         spec = load_spec(REPO / "feature_specs" / "kuairand.yaml")
@@ -497,7 +497,7 @@ def utilisation(
     from model.data import make_loader
     from model.flops import dense_flops_per_sample, peak_tflops
     from model.trainer import prepare
-    from pipelines.build import Tables
+    from pipelines.lake import Tables
 
     cfg = load_train_config(REPO / "conf" / "train.yaml", sets)
     bundle = prepare(cfg)

@@ -146,7 +146,7 @@ class FeatureLayout:
 
 def feature_layout(spec: FeatureSpec, vocab_sizes: dict[str, int]) -> FeatureLayout:
     """The layout of spec + fitted vocabulary sizes (``Artifacts.vocab_sizes``)."""
-    from pipelines.artifacts import vocab_tables
+    from pipelines.preprocessing import vocab_tables
 
     keys = [f.name for f in spec.categorical_features] + ["user_id", "item_id"]
     tables = {}

@@ -56,7 +56,7 @@ from torchrec.streamable import Pipelineable
 from pipelines.spec import FeatureSpec, TaskKind
 
 if TYPE_CHECKING:
-    from pipelines.artifacts import Artifacts
+    from pipelines.preprocessing import Artifacts
 
 SPLITS = ("history", "train", "valid", "test")
 OOV = 0
@@ -296,7 +296,7 @@ class _Layout:
 
 
 def _layout(spec: FeatureSpec, artifacts: Artifacts, pseudo_labels: str) -> _Layout:
-    from pipelines.artifacts import vocab_tables
+    from pipelines.preprocessing import vocab_tables
 
     table_of = {c: t for t, cols in vocab_tables(spec).items() for c in cols}
     keys = [f.name for f in spec.categorical_features] + ["user_id", "item_id"]

@@ -15,7 +15,7 @@ from model.ple import PLE
 from model.ple_stage import PLEStage
 from model.stages import StageThresholds, stage_task_index
 from model.stan import STAN
-from pipelines.artifacts import Artifacts
+from pipelines.preprocessing import Artifacts
 from pipelines.spec import FeatureSpec
 
 __all__ = ["build_model", "model_from_saved"]

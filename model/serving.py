@@ -33,8 +33,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from model.base import MultiTaskModel, TaskConfig
 from model.data import Batch
-from pipelines.artifacts import Artifacts, vocab_tables
-from pipelines.artifacts import load as load_artifacts
+from pipelines.preprocessing import Artifacts, vocab_tables
+from pipelines.preprocessing import load as load_artifacts
 from pipelines.spec import DenseTransform, FeatureSpec, TaskKind
 
 __all__ = [

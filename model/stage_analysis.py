@@ -91,7 +91,7 @@ def user_representations(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(user ids [U], representations [U, R]) from each user's first training row: f(U_i) for
     STAN, the flattened user feature embeddings U_i otherwise."""
-    from pipelines.build import Tables
+    from pipelines.lake import Tables
 
     tables = Tables.for_spec(bundle.cfg.lake, bundle.spec)
     loader = make_loader(
@@ -135,7 +135,7 @@ def analyse_runs(
     from sklearn.metrics import silhouette_score
 
     from model.trainer import load_trained
-    from pipelines.build import Tables
+    from pipelines.lake import Tables
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"silhouette": {}, "figures": []}

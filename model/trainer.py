@@ -61,9 +61,9 @@ from model.stages import (
     stage_task_index,
 )
 from model.stan import STAN
-from pipelines.artifacts import Artifacts
-from pipelines.artifacts import load as load_artifacts
-from pipelines.build import Tables
+from pipelines.lake import Tables
+from pipelines.preprocessing import Artifacts
+from pipelines.preprocessing import load as load_artifacts
 from pipelines.spec import FeatureSpec, load_spec
 
 log = logging.getLogger(__name__)

@@ -1,16 +1,15 @@
-"""Preprocessing fitted on the training window only: vocabularies, dense statistics, dwell bins,
-and the pseudo-label fallback means. Stored as JSON + Parquet next to the tables and loaded by
-the nightly job, the trainer and the scoring model.
+"""Preprocessing fitted on the training window only, in Spark: vocabularies, dense statistics,
+dwell bins, and the pseudo-label fallback means, stored as JSON + Parquet next to the tables
+(read back by :mod:`pipelines.preprocessing`), and their application to the rows.
 
 Index 0 of every vocabulary is the reserved OOV index (unknown, rare, or missing values).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +22,10 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
+from pipelines.preprocessing import OOV, Artifacts, DenseStats, spec_hash, vocab_tables
 from pipelines.source import spark_schema_of
 from pipelines.spec import DenseTransform, FeatureSpec, Task, TaskKind
 
-OOV = 0
 # Dwell bin boundaries are order statistics at exact ranks (`quantile_ranks`), taken from the
 # training window's per-value counts when it holds at most this many distinct values (the
 # counts come to the driver: 16 bytes a value); with more, from Spark's percentile_approx
@@ -57,12 +56,6 @@ DRIVER_SIDE_MAX_ROWS = 2_000_000
 # 1M builds 1-2 s slower on the driver, within noise at 10M).
 DRIVER_SIDE_MIN_CATEGORICALS = 4
 INTEGRAL = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
-
-
-@dataclass
-class DenseStats:
-    mean: float
-    std: float
 
 
 @dataclass(frozen=True)
@@ -96,56 +89,6 @@ class SideLookup:
         side = self.frame if frame is None else frame
         side = F.broadcast(side) if self.broadcastable() else side
         return rows.join(side, rows[self.id_column] == side["_key"], "left").drop("_key")
-
-
-@dataclass
-class Artifacts:
-    spec_name: str
-    spec_hash: str
-    train_dates: list[str]
-    train_rows: int
-    # vocab table name -> size including the OOV row (embedding table rows)
-    vocab_sizes: dict[str, int]
-    dense: dict[str, DenseStats]
-    # dwell task -> bin boundaries (strictly increasing); n_bins = len + 1
-    bins: dict[str, list[float]]
-    # task -> mean of the task's [0, 1] value on the training window (pseudo-label fallback)
-    global_means: dict[str, float]
-    vocab_dir: str = ""
-    vocabs: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
-
-    def n_bins(self, task: str) -> int:
-        return len(self.bins[task]) + 1
-
-    def target_divisor(self, task: str) -> int:
-        """Turns a task's integer value into its [0, 1] target: n_bins - 1 for a dwell task
-        (value = bin index), 1 for a binary task."""
-        return self.n_bins(task) - 1 if task in self.bins else 1
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("vocabs")
-        d.pop("vocab_dir")
-        return d
-
-
-def spec_hash(spec: FeatureSpec) -> str:
-    """Fingerprint of what the preprocessing depends on: the spec without its data locations
-    (moving the data does not invalidate the fitted vocabularies and bins)."""
-    d = spec.model_dump(mode="json")
-    d["source"].pop("path")
-    for g in ("user", "item"):
-        for t in d[g]["tables"]:
-            t.pop("path")
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def vocab_tables(spec: FeatureSpec) -> dict[str, list[str]]:
-    """Embedding/vocabulary table name -> the example columns it indexes."""
-    tables: dict[str, list[str]] = {"user_id": ["user_id"], "item_id": ["item_id"]}
-    for f in spec.categorical_features:
-        tables.setdefault(f.table or f.name, []).append(f.name)
-    return tables
 
 
 def integral_tables(tables: dict[str, list[str]], schema: T.StructType) -> dict[str, bool]:
@@ -776,25 +719,6 @@ def _fit_from_counts(
     return art
 
 
-def load(out_dir: Path, spec: FeatureSpec | None = None, with_vocabs: bool = True) -> Artifacts:
-    path = out_dir / "preprocessing.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no fitted preprocessing at {path}")
-    d = json.loads(path.read_text())
-    d["dense"] = {k: DenseStats(**v) for k, v in d["dense"].items()}
-    art = Artifacts(**d, vocab_dir=str(out_dir / "vocab"))
-    if spec is not None and art.spec_hash != spec_hash(spec):
-        raise ValueError(
-            f"{path} was fitted for a different version of spec {spec.name!r} "
-            f"({art.spec_hash} != {spec_hash(spec)}): run a full rebuild (--full) to refit"
-        )
-    if with_vocabs:
-        for table in art.vocab_sizes:
-            t = pq.read_table(Path(art.vocab_dir) / f"{table}.parquet", columns=["value", "idx"])
-            art.vocabs[table] = dict(zip(t["value"].to_pylist(), t["idx"].to_pylist(), strict=True))
-    return art
-
-
 def apply(
     spec: FeatureSpec, rows: DataFrame, art: Artifacts, sides: list[SideLookup] | None = None
 ) -> DataFrame:
@@ -899,9 +823,3 @@ def _driver_side_map(
         [T.StructField(c, T.LongType()) if c in mapped else frame.schema[c] for c in columns]
     )
     return frame.sparkSession.createDataFrame(pa.table(columns), schema=schema)
-
-
-def check_finite(art: Artifacts) -> None:
-    for k, s in art.dense.items():
-        if not (math.isfinite(s.mean) and math.isfinite(s.std)):
-            raise ValueError(f"dense feature {k}: non-finite statistics {s}")

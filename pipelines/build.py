@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +27,9 @@ from pyspark.sql import types as T
 from pipelines import artifacts as arts
 from pipelines import delta_io
 from pipelines.config import PipelineConfig
+from pipelines.lake import Tables
+from pipelines.preprocessing import Artifacts, check_finite
+from pipelines.preprocessing import load as load_artifacts
 from pipelines.progress import spark_progress
 from pipelines.running import (
     K_DAY,
@@ -69,39 +71,6 @@ log = logging.getLogger("build_features")
 
 class BuildError(RuntimeError):
     """The build cannot go on; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Tables:
-    root: Path
-
-    @classmethod
-    def for_spec(cls, lake: str | Path, spec: FeatureSpec) -> Tables:
-        return cls(Path(lake).resolve() / spec.name)
-
-    @property
-    def examples(self) -> str:
-        return str(self.root / "examples")
-
-    @property
-    def rejected(self) -> str:
-        return str(self.root / "rejected")
-
-    @property
-    def user_state(self) -> str:
-        return str(self.root / "user_state")
-
-    @property
-    def user_daily(self) -> str:
-        return str(self.root / "user_daily")
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / "artifacts"
-
-    @property
-    def summaries(self) -> Path:
-        return self.root / "summaries"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -318,7 +287,7 @@ def _side_tables_checked() -> None:
             _SIDE_CHECKS.pop(key, None)
 
 
-def kernel_plan(spec: FeatureSpec, art: arts.Artifacts) -> KernelPlan:
+def kernel_plan(spec: FeatureSpec, art: Artifacts) -> KernelPlan:
     return KernelPlan(
         tasks=[t.name for t in spec.tasks],
         divisors={t.name: art.target_divisor(t.name) for t in spec.tasks},
@@ -339,7 +308,7 @@ def kernel_keep(spec: FeatureSpec) -> list[str]:
     return [K_USER, *[s_col(t.name) for t in spec.tasks], *[q_col(s.name) for s in spec.sequences]]
 
 
-def with_kernel_columns(spec: FeatureSpec, rows: DataFrame, art: arts.Artifacts) -> DataFrame:
+def with_kernel_columns(spec: FeatureSpec, rows: DataFrame, art: Artifacts) -> DataFrame:
     out = rows.withColumn(K_USER, user_key(F.col("user_id")))
     out = out.withColumn(K_DAY, _day_num(F.col("date"))).withColumn(K_W, F.lit(1).cast("long"))
     for t in spec.tasks:
@@ -553,7 +522,7 @@ def fit_artifacts(
     now_ms: int,
     rows: DataFrame | None = None,
     row_stats: dict[str, float | None] | None = None,
-) -> arts.Artifacts:
+) -> Artifacts:
     """Fit on the training window of ``rows`` (`session_rows` of every day) and the side
     tables, or of the whole source; ``row_stats``: `arts.fit`'s, computed by the caller."""
     cached: tuple[DataFrame, ...] = ()
@@ -641,11 +610,11 @@ def _build(
     else:
         try:
             # the build joins the vocabulary files; their Python dicts are for serving
-            art = arts.load(tables.artifacts, spec, with_vocabs=False)
+            art = load_artifacts(tables.artifacts, spec, with_vocabs=False)
         except FileNotFoundError:
             log.info("no fitted preprocessing yet: fitting it from the source's training window")
             art = fit_artifacts(spark, spec, cfg, tables, now_ms)
-    arts.check_finite(art)
+    check_finite(art)
     plan = kernel_plan(spec, art)
 
     if date is not None and n_acc == 0 and not cfg.allow_empty_day:
@@ -961,7 +930,7 @@ def _example_stats(spec: FeatureSpec, sessions: DataFrame, extra: list[Column]) 
 def _summary(
     spec: FeatureSpec,
     tables: Tables,
-    art: arts.Artifacts,
+    art: Artifacts,
     mode: str,
     dates: list[str],
     reasons: dict[str, int],

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.artifacts import Artifacts, _vocab_limits, quantile_ranks, vocab_tables
+from pipelines.artifacts import _vocab_limits, quantile_ranks
 from pipelines.build import example_columns, kernel_plan
+from pipelines.preprocessing import Artifacts, vocab_tables
 from pipelines.source import MIN_VALID_TIME_MS, file_date_regex
 from pipelines.spec import DenseTransform, FeatureSpec, SourceFormat, TaskKind
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import delta_io
-from pipelines.build import Tables
 from pipelines.config import PipelineConfig
+from pipelines.lake import Tables
 from pipelines.spec import FeatureSpec
 
 log = logging.getLogger(__name__)

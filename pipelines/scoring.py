@@ -24,9 +24,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import delta_io
-from pipelines.artifacts import spec_hash
-from pipelines.build import Tables, read_validated, wide_rows
+from pipelines.build import read_validated, wide_rows
 from pipelines.config import PipelineConfig
+from pipelines.lake import Tables
+from pipelines.preprocessing import spec_hash
 from pipelines.spec import FeatureSpec, load_spec
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from pipelines.build import BuildError, Tables, build
+from pipelines.build import BuildError, build
 from pipelines.config import PipelineConfig
+from pipelines.lake import Tables
 from pipelines.source import SourceError
 from pipelines.spec import FeatureSpec, SpecError, parse_spec
 

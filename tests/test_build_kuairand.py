@@ -21,9 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines import delta_io
-from pipelines.artifacts import load as load_artifacts
-from pipelines.build import Tables, build
+from pipelines.build import build
 from pipelines.config import PipelineConfig
+from pipelines.lake import Tables
+from pipelines.preprocessing import load as load_artifacts
 from pipelines.spec import load_spec
 from tests.reference import assert_running_equal, naive_running
 

@@ -34,8 +34,8 @@ from model.data import (
     spark_xxhash64,
     user_keys,
 )
-from pipelines.artifacts import Artifacts
-from pipelines.artifacts import load as load_artifacts
+from pipelines.preprocessing import Artifacts
+from pipelines.preprocessing import load as load_artifacts
 from pipelines.spec import FeatureSpec, TaskKind, load_spec
 
 REPO = Path(__file__).resolve().parents[1]

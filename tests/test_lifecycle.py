@@ -67,7 +67,7 @@ def test_the_scoring_driver_reads_the_model_s_facts_without_loading_it(
 
     from model.pyfunc_facts import METADATA_KEY
     from pipelines import scoring
-    from pipelines.artifacts import spec_hash
+    from pipelines.preprocessing import spec_hash
 
     local, _ = scoring.download_model(
         kuairand_run["model_uri"], kuairand_run["tracking_uri"], tmp_path / "model"
@@ -99,8 +99,8 @@ def test_scoring_refuses_a_model_trained_on_another_spec(kuairand_run, tmp_path)
     import yaml
 
     from pipelines import scoring
-    from pipelines.artifacts import spec_hash
     from pipelines.config import load_config
+    from pipelines.preprocessing import spec_hash
     from pipelines.spec import FeatureSpec
 
     trained = FeatureSpec.model_validate(

@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from pipelines.build import Tables, build
+from pipelines.build import build
 from pipelines.config import PipelineConfig
+from pipelines.lake import Tables
 from pipelines.spec import load_spec
 from pipelines.synthetic import EVENTS_SCHEMA, BehaviourModel, SyntheticConfig, generate
 
@@ -244,8 +245,8 @@ def test_duckdb_build_writes_the_same_examples(synth, tmp_path):
     """The single-machine comparison of `jobs.benchmark pipeline` (DuckDB SQL) writes the Spark
     build's examples row for row and rejects the same events for the same reasons; a change of
     one value in its output is caught (the benchmark's equality check can fail)."""
-    from pipelines import artifacts as arts
     from pipelines.duckdb_build import build_duckdb, compare_examples, compare_rejected
+    from pipelines.preprocessing import load as load_artifacts
 
     events, spec, cfg, summary = synth
     tables = Tables.for_spec(cfg.lake, spec)
@@ -256,7 +257,7 @@ def test_duckdb_build_writes_the_same_examples(synth, tmp_path):
         summary["sessions"],
         summary["rows_rejected"],
     )
-    art = arts.load(tables.artifacts, spec)
+    art = load_artifacts(tables.artifacts, spec)
     assert s["bin_boundaries"] == art.bins and s["vocab_sizes"] == art.vocab_sizes
     for t, m in art.global_means.items():
         assert s["global_means"][t] == pytest.approx(m, rel=1e-12)

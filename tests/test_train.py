@@ -66,6 +66,19 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
 
 
+# Runs jobs.train on an image without Spark or MLflow: importing either fails, as it would there.
+WITHOUT_SPARK_NOR_MLFLOW = """
+import runpy, sys
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pyspark", "mlflow"):
+            raise ImportError(f"{name} is not installed on this training image")
+sys.meta_path.insert(0, NotInstalled())
+sys.argv = ["jobs.train", *sys.argv[1:]]
+runpy.run_module("jobs.train", run_name="__main__")
+"""
+
+
 def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
     """Bit-identical weights and identical loss history."""
     a = torch.load(a_dir / "model.pt", weights_only=False)["state_dict"]
@@ -436,3 +449,24 @@ def test_torchrec_s_pipeline_trains_stan_as_the_plain_loop(kuairand_train_lake, 
     assert [h["step"] for h in runs["sparse_dist"]] == [4.0, 8.0, 12.0]
     for a, b in zip(runs["simple"], runs["sparse_dist"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_training_needs_neither_spark_nor_mlflow(kuairand_train_lake, tmp_path) -> None:
+    """A GPU training image need not carry Spark (or Java): the trainer reads the Delta examples
+    and the fitted preprocessing with deltalake and pyarrow alone (``pipelines.lake``,
+    ``pipelines.preprocessing``), and with ``mlflow.enabled=false`` it needs no MLflow."""
+    out = tmp_path / "run"
+    args = _args(kuairand_train_lake, out, "train.max_steps=10", "train.checkpoint_every=0",
+                 "train.eval_splits=[valid]", "mlflow.enabled=false")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_SPARK_NOR_MLFLOW, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert 0.0 < metrics["valid/click/auc"] < 1.0
+    assert (out / "model.pt").exists()
