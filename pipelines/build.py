@@ -659,17 +659,29 @@ def _build(
     ).persist(StorageLevel.MEMORY_AND_DISK)
     n_out = out.count()
     files: list[dict] = []
+    n_task_files = 0
     if sink is not None:
         files = [
             json.loads(r[0]) for r in out.where(F.col(K_FILE).isNotNull()).select(K_FILE).collect()
         ]
+        n_task_files = len(files)
+        if cfg.delta.merge_files_below_mb > 0:
+            files = delta_io.merge_small_files(
+                sink.target,
+                files,
+                small_bytes=int(cfg.delta.merge_files_below_mb * 2**20),
+                target_bytes=int(cfg.delta.target_file_mb * 2**20),
+                threads=spark.sparkContext.defaultParallelism,
+            )
         days = out.where(F.col(K_FILE).isNull()).drop(K_FILE)
         log.info(
-            "running features of %d rows at %.1fs: %d examples files, %d user-day rows",
+            "running features of %d rows at %.1fs: %d examples files (%d as the tasks wrote "
+            "them), %d user-day rows",
             n_acc,
             time.time() - t0,
             len(files),
-            n_out - len(files),
+            n_task_files,
+            n_out - n_task_files,
         )
     else:
         days = user_days(spec, out).persist(StorageLevel.MEMORY_AND_DISK)
@@ -679,7 +691,7 @@ def _build(
     # as many tasks as the kernel has, they made a file per task and date, and a nightly
     # run's read of the pseudo-label window (29 days x 4 files in the benchmark) a Spark
     # listing job of its own (above 32 paths).
-    n_days = n_out - len(files) if sink is not None else None
+    n_days = n_out - n_task_files if sink is not None else None
     daily = _few_files(daily_aggregates(spec, days), n_days)
     rejected_rows = _few_files(rejected, n_rej)
 

@@ -31,6 +31,11 @@ class SparkConfig(_Strict):
 class DeltaConfig(_Strict):
     # delta-rs commits by default; delta-spark needs its jars on the classpath (cluster only).
     writer: Literal["delta-rs", "delta-spark"] = "delta-rs"
+    # With delta-rs, each date's examples files below this size (one per kernel task) are merged
+    # before the commit into files of about target_file_mb (0: keep the tasks' files). With
+    # delta-spark, use the cluster's optimized writes / OPTIMIZE instead.
+    merge_files_below_mb: float = Field(32.0, ge=0)
+    target_file_mb: float = Field(128.0, gt=0)
 
 
 class PipelineConfig(_Strict):

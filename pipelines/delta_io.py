@@ -253,6 +253,78 @@ def commit_files(
     return DeltaTable(root).version()
 
 
+def merge_small_files(
+    target: WriteTarget,
+    files: Sequence[dict[str, Any]],
+    *,
+    small_bytes: int,
+    target_bytes: int,
+    threads: int = 2,
+) -> list[dict[str, Any]]:
+    """Files written by ``target``'s task writers, with each partition's small files merged,
+    before they are committed (an "optimized write"; nothing is committed here).
+
+    Every task writes its own file per partition value it meets, so a day of a small log comes
+    as many files of a few thousand rows; a reader then pays a per-column-chunk cost per file
+    (the trainer's loader read KuaiRand's examples, 120 files of about 1,900 rows, at a third
+    of the speed of the same rows in 15 files). Within a partition, files below ``small_bytes``
+    are merged in their path (task) order into files of at most about ``target_bytes``, each
+    named after its first input: every input's rows stay together and in their order (a user's
+    rows, which one task writes, too). Larger files are kept as they are. Returns the metadata
+    rows of the files to commit; the merged files' inputs are deleted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for f in files:
+        groups.setdefault(f["partition_values"], []).append(f)
+    keep: list[dict[str, Any]] = []
+    merges: list[list[dict[str, Any]]] = []
+    for group in groups.values():
+        small = sorted((f for f in group if f["size"] < small_bytes), key=lambda f: f["path"])
+        keep += [f for f in group if f["size"] >= small_bytes]
+        run: list[dict[str, Any]] = []
+        for f in small:
+            if run and sum(g["size"] for g in run) + f["size"] > target_bytes:
+                merges.append(run)
+                run = []
+            run.append(f)
+        merges.append(run)
+    keep += [run[0] for run in merges if len(run) == 1]
+    merges = [run for run in merges if len(run) > 1]
+    if not merges:
+        return keep
+    fs, base = pafs.FileSystem.from_uri(target.root)
+    data_names = [n for n in target.schema.names if n not in target.partition_by]
+    data_schema = pa.schema([target.schema.field(n) for n in data_names])
+
+    def merge(run: list[dict[str, Any]]) -> dict[str, Any]:
+        first = run[0]["path"]
+        rel = first.replace(".parquet", f"-merged{len(run)}.parquet")
+        out = _OpenFile(fs, base, rel, data_schema)
+        try:
+            for f in run:
+                with fs.open_input_file(f"{base}/{f['path']}") as src:
+                    out.add_table(pq.ParquetFile(src).read())  # the file's columns alone
+            size, mtime = out.close()
+        except BaseException:
+            out.abort()
+            raise
+        for f in run:
+            fs.delete_file(f"{base}/{f['path']}")
+        return {
+            "path": rel,
+            "size": size,
+            "partition_values": run[0]["partition_values"],
+            "num_records": out.stats.num_records,
+            "stats": out.stats.to_json(),
+            "modification_time": mtime,
+        }
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        merged = list(pool.map(merge, merges))
+    return keep + merged
+
+
 def read_delta(
     spark: SparkSession,
     path: str,
@@ -698,6 +770,10 @@ class _OpenFile:
         self.pending_bytes += batch.nbytes
         if self.pending_rows >= ROW_GROUP_ROWS or self.pending_bytes >= ROW_GROUP_BYTES:
             self.flush()
+
+    def add_table(self, table: pa.Table) -> None:
+        for batch in table.cast(self.schema).to_batches():
+            self.add(batch)
 
     def flush(self) -> None:
         if not self.pending:

@@ -305,9 +305,10 @@ def test_a_gap_in_the_nightly_chain_is_an_error(spark, spec, nightly_lake: Table
 def test_small_tables_are_one_file_per_date(full_lake: Tables, nightly_lake: Tables) -> None:
     """The user-day and rejected rows (a few thousand a day here) are written as one file per
     date, not one per kernel task (3 here): a nightly run reads 29 days of user_daily, and
-    Spark lists more than 32 files in a job of its own."""
+    Spark lists more than 32 files in a job of its own. The examples' files too (their tasks'
+    small files merged before the commit): the trainer's loader pays per file and column."""
     for tables in (full_lake, nightly_lake):
-        for path in (tables.user_daily, tables.rejected):
+        for path in (tables.user_daily, tables.rejected, tables.examples):
             per_date: dict[str, int] = {}
             for f in DeltaTable(path).file_uris():
                 date = Path(f).parent.name.removeprefix("date=")

@@ -314,3 +314,58 @@ def test_split_by_partition_keeps_every_row_once_in_order():
     assert sorted(seen) == list(range(n))
     ((key, whole),) = delta_io._split_by_partition(batch.slice(0, 1), ["date", "region"])
     assert key == (day[0], region[0]) and whole.num_rows == 1
+
+
+def _task_files(target: delta_io.WriteTarget, task: int, rows: list[tuple]) -> list[dict]:
+    """The files one task writes for ``rows`` (as the kernel's tasks do)."""
+    import pyarrow as pa
+
+    writer = target.task_writer()
+    writer.task = task  # outside Spark every writer is task 0
+    names = SCHEMA.fieldNames()
+    writer.write(
+        pa.RecordBatch.from_pylist([dict(zip(names, r, strict=True)) for r in rows], target.schema)
+    )
+    return writer.finish()
+
+
+def test_small_files_of_a_partition_are_merged_before_the_commit(tmp_path):
+    """Each task writes a file per date; a date's small files become one file (in task order,
+    with its own Delta statistics) before the commit, a large one stays as written, and the
+    merged inputs are gone from the disk."""
+    path = str(tmp_path / "t")
+    target = delta_io.write_target(path, SCHEMA, ["date"])
+    rows = {task: _rows(range(task * 30, task * 30 + 30)) for task in range(3)}
+    rows[3] = _rows(range(90, 3090), day=DAYS[0])  # one large file of the first date
+    files = [f for task in range(4) for f in _task_files(target, task, rows[task])]
+    assert len(files) == 10
+    big = max(f["size"] for f in files)
+    merged = delta_io.merge_small_files(
+        target, files, small_bytes=big, target_bytes=100 * big, threads=2
+    )
+    by_date: dict[str, list[dict]] = {}
+    for f in merged:
+        by_date.setdefault(json.loads(f["partition_values"])["date"], []).append(f)
+    assert {d: len(v) for d, v in by_date.items()} == {DAYS[0]: 2, DAYS[1]: 1, DAYS[2]: 1}
+    kept = [f for f in files if f["size"] == big]
+    assert [f for f in merged if f["path"] == kept[0]["path"]] == kept
+    for f in files:
+        assert Path(path, f["path"]).exists() == (f in kept)
+    delta_io.commit_files(target, merged, mode="overwrite")
+    for f in merged:
+        ids = pq.read_table(Path(path, f["path"])).column("id").to_pylist()
+        stats = json.loads(f["stats"])
+        assert stats["numRecords"] == f["num_records"] == len(ids)
+        assert (stats["minValues"]["id"], stats["maxValues"]["id"]) == (min(ids), max(ids))
+        assert ids == sorted(ids)  # the inputs' rows in task order
+    all_rows = [r for task in range(4) for r in rows[task]]
+    assert sorted(DeltaTable(path).to_pyarrow_table().column("id").to_pylist()) == [
+        r[0] for r in all_rows
+    ]
+    # a run of small files is cut where it would pass target_bytes
+    again = [f for task in range(3) for f in _task_files(target, task, rows[task])]
+    small = max(f["size"] for f in again)
+    cut = delta_io.merge_small_files(
+        target, again, small_bytes=big, target_bytes=2 * small, threads=1
+    )
+    assert sorted(f["num_records"] for f in cut) == sorted([20, 10] * 3)
