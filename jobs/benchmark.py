@@ -359,6 +359,8 @@ def bench_train(
     loader_seconds: float,
     parity: bool = False,
     parity_tolerance: float = PARITY_AUC_TOLERANCE,
+    num_workers: int = 0,
+    prefetch_batches: int = 0,
 ) -> list[dict]:
     """Trainer samples/s per model, config, batch size and precision (a fresh ``jobs.train``
     process each, warm-up steps excluded), and the loader's own samples/s at the same batch
@@ -366,7 +368,9 @@ def bench_train(
     than fp32 is compared with the fp32 run of the same model, config and batch
     (`precision_parity`): the same seed and data, so the AUCs differ by the precision alone
     (and, on a GPU, the kernels' non-deterministic sums). The evaluation comes after the timed
-    steps: the samples/s are the training steps' either way."""
+    steps: the samples/s are the training steps' either way. ``num_workers``: the loader's
+    worker processes, for the loader alone and for every run (``train.num_workers``);
+    ``prefetch_batches``: ``train.prefetch_batches`` of every run."""
     rows: list[dict] = []
     if loader_seconds > 0:
         from model.data import benchmark_loader
@@ -378,8 +382,11 @@ def bench_train(
         tables = Tables.for_spec(lake, spec)
         art = load_artifacts(tables.artifacts, spec, with_vocabs=False)
         for b in batch_sizes:
-            rate = benchmark_loader(tables.examples, spec, art, b, loader_seconds)
-            rows.append({"bench": "loader (1 process)", "batch": b, "samples_per_s": round(rate)})
+            rate = benchmark_loader(
+                tables.examples, spec, art, b, loader_seconds, num_workers=num_workers
+            )
+            what = f"loader ({num_workers} workers)" if num_workers else "loader (1 process)"
+            rows.append({"bench": what, "batch": b, "samples_per_s": round(rate)})
             print(json.dumps(rows[-1]), flush=True)
     for config in configs:
         for model in models:
@@ -402,6 +409,8 @@ def bench_train(
                         "mlflow.enabled=false",
                         f"train.device={device}",
                         f"train.precision={precision}",
+                        f"train.num_workers={num_workers}",
+                        f"train.prefetch_batches={prefetch_batches}",
                         *TRAIN_CONFIGS[config],
                     ]
                     if nproc > 1:
@@ -581,6 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     tp.add_argument("--parity-tolerance", type=float, default=PARITY_AUC_TOLERANCE)
     tp.add_argument("--loader-seconds", type=float, default=15.0, help="0: skip the loader")
+    tp.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="the loader's worker processes (train.num_workers)",
+    )
+    tp.add_argument(
+        "--prefetch-batches", type=int, default=0, help="train.prefetch_batches of every run"
+    )
     tp.add_argument("--work", default="/tmp/lifecycle-bench")
     args = p.parse_args(argv)
     if args.what == "duckdb-build":
@@ -611,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
             args.loader_seconds,
             parity=args.parity,
             parity_tolerance=args.parity_tolerance,
+            num_workers=args.num_workers,
+            prefetch_batches=args.prefetch_batches,
         )
         (work / "train.json").write_text(
             json.dumps({"machine": machine, "results": rows}, indent=2)

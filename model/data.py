@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import queue
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -71,6 +73,7 @@ __all__ = [
     "benchmark_loader",
     "count_rows_per_rank",
     "make_loader",
+    "prefetch",
     "rank_of",
     "spark_xxhash64",
     "user_keys",
@@ -892,6 +895,63 @@ def make_loader(
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
     return ExamplesLoader(dataset, **kwargs)
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+_END = object()
+
+
+def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """``items``, read by a background thread up to ``depth`` ahead of the consumer (0: in the
+    consumer's thread).
+
+    The loader's Arrow reads and its conversions release the GIL for much of their time, so
+    the next batches are made while the step computes (and, on CUDA, while the device works and
+    the host waits). An error of the reader is raised in the consumer at the item it stopped
+    at; closing the iterator (a consumer that stops early) stops the thread after the item it
+    is making."""
+    if depth <= 0:
+        yield from items
+        return
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as e:  # handed to the consumer
+            put(_Failed(e))
+            return
+        put(_END)
+
+    reader = threading.Thread(target=read, name="batch-prefetch", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=30)
 
 
 def benchmark_loader(

@@ -49,7 +49,7 @@ from model.base import (
     task_configs,
 )
 from model.config import TrainConfig, check_against_spec
-from model.data import Batch, ExamplesLoader, make_loader, pseudo_label_columns
+from model.data import Batch, ExamplesLoader, make_loader, prefetch, pseudo_label_columns
 from model.metrics import regression_metrics, rela_impr_auc, rela_impr_ndcg, task_metrics
 from model.registry import build_model, model_from_saved
 from model.stages import (
@@ -924,7 +924,7 @@ def _train(
             train_loader.load_state_dict({**train_loader.state_dict(), "batches_yielded": in_epoch})
         elif beta_state is not None:
             beta_state.reset()  # each epoch replays the chronology from the start
-        batches = iter(_device_batches(train_loader, device, pipelined))
+        batches = _device_batches(prefetch(train_loader, tc.prefetch_batches), device, pipelined)
         while step < total_steps:
             try:
                 loss, per_task = step_fn(batches)
@@ -967,6 +967,7 @@ def _train(
                     log.error("crash_after_step=%d: exiting hard (test hook)", step)
                     sys.stderr.flush()
                     os._exit(17)
+        batches.close()  # the epoch's prefetching thread stops before the next one starts
         if in_epoch >= steps_per_epoch:
             log_epoch(epoch)  # (a resumed epoch's mean covers the steps after the resume)
             epoch += 1
@@ -1074,15 +1075,21 @@ def _train(
 
 
 def _device_batches(
-    loader: ExamplesLoader, device: torch.device, pipelined: bool
+    batches: Iterator[Batch], device: torch.device, pipelined: bool
 ) -> Iterator[Batch]:
     """Batches as the step function wants them: host batches for TorchRec's pipeline (it
-    copies them itself, on its own stream), device batches otherwise."""
-    for batch in loader:
-        if device.type == "cpu" or pipelined:
-            yield batch
-        else:
-            yield batch.to(device, non_blocking=True)
+    copies them itself, on its own stream), device batches otherwise. Closing it closes
+    ``batches`` (stops the prefetching thread)."""
+    try:
+        for batch in batches:
+            if device.type == "cpu" or pipelined:
+                yield batch
+            else:
+                yield batch.to(device, non_blocking=True)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def pipeline_trace_error(dmp: nn.Module) -> str | None:

@@ -588,3 +588,37 @@ def test_negative_continuous_label_is_a_clear_error(fake_lake: Lake, tmp_path: P
     lk = Lake(_write(tmp_path / "examples", table), fake_lake.spec, fake_lake.artifacts)
     with pytest.raises(ExamplesTableError, match=rf"negative for example_id {eid}"):
         list(lk.dataset())
+
+
+def test_prefetch_hands_over_every_item_in_order_errors_included_and_stops_when_closed() -> None:
+    import threading
+
+    from model.data import prefetch
+
+    assert list(prefetch(iter(range(50)), 3)) == list(range(50))
+    assert list(prefetch(iter(range(5)), 0)) == list(range(5))
+
+    def failing():
+        yield from range(4)
+        raise ExamplesTableError("row 4 is bad")
+
+    got = []
+    with pytest.raises(ExamplesTableError, match="row 4 is bad"):
+        for item in prefetch(failing(), 2):
+            got.append(item)
+    assert got == [0, 1, 2, 3]  # every item before the error
+
+    made = []
+
+    def endless():
+        i = 0
+        while True:
+            made.append(i)
+            yield i
+            i += 1
+
+    it = prefetch(endless(), 2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
+    assert not any(t.name == "batch-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(made) <= 3 + 2 + 1  # at most depth ahead, plus the one it was making

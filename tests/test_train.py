@@ -430,25 +430,34 @@ def test_two_simulated_nodes_train_like_one_node(
 def test_torchrec_s_pipeline_trains_stan_as_the_plain_loop(kuairand_train_lake, tmp_path) -> None:
     """``train.pipeline=sparse_dist`` (TorchRec's TrainPipelineSparseDist, CUDA's default step)
     runs on CPU too: STAN on the real lake (its Beta state advanced batch by batch, the pipeline
-    one batch ahead) logs the losses of the plain loop. Every model is checked the same way on
-    random batches in ``test_pipeline.py``."""
+    one batch ahead) logs the losses of the plain loop, and so does the plain loop fed by the
+    prefetching thread (``train.prefetch_batches``), across an epoch's end (16 steps of 1024
+    rows: more than the slice's 14k rows). Every model is checked the same way on random
+    batches in ``test_pipeline.py``."""
     ov = kuairand_train_lake["spec_overrides"]
     runs = {}
-    for pipeline in ("simple", "sparse_dist"):
+    variants = {
+        "simple": ["train.pipeline=simple"],
+        "sparse_dist": ["train.pipeline=sparse_dist"],
+        "prefetch": ["train.pipeline=simple", "train.prefetch_batches=3"],
+    }
+    for name, sets in variants.items():
         cfg = _cfg(
             kuairand_train_lake,
-            tmp_path / pipeline,
+            tmp_path / name,
             "model.name=stan",
-            "train.max_steps=12",
+            "train.max_steps=16",
             "train.log_every=4",
-            "train.batch_size=64",
+            "train.batch_size=1024",
+            "train.epochs=3",
             "train.eval_splits=[]",
-            f"train.pipeline={pipeline}",
+            *sets,
         )
-        runs[pipeline] = train(cfg, ov).history
-    assert [h["step"] for h in runs["sparse_dist"]] == [4.0, 8.0, 12.0]
-    for a, b in zip(runs["simple"], runs["sparse_dist"], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        runs[name] = train(cfg, ov).history
+    assert [h["step"] for h in runs["sparse_dist"]] == [4.0, 8.0, 12.0, 16.0]
+    for other in ("sparse_dist", "prefetch"):
+        for a, b in zip(runs["simple"], runs[other], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), other
 
 
 def test_training_needs_neither_spark_nor_mlflow(kuairand_train_lake, tmp_path) -> None:
