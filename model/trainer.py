@@ -91,18 +91,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The rendezvous variables a one-process group set in this process (``release_distributed``
+# takes them back: a later process started from this one must not inherit them).
+_OWN_ENV: list[str] = []
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, bool]:
     """Join (or, without torchrun, create a one-process) process group: (rank, world, created)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
     if "RANK" not in os.environ:
-        os.environ.update(
-            {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-        )
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        own = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        if "MASTER_PORT" not in os.environ:
+            own["MASTER_PORT"] = str(_free_port())
+        os.environ.update(own)
+        _OWN_ENV[:] = list(own)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size(), True
+
+
+def release_distributed() -> None:
+    """Destroy the process group ``init_distributed`` created, and unset the variables it set
+    (an in-process run, e.g. from a test or a notebook, leaves the environment as it was)."""
+    dist.destroy_process_group()
+    for key in _OWN_ENV:
+        os.environ.pop(key, None)
+    _OWN_ENV.clear()
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -742,7 +757,7 @@ def train(cfg: TrainConfig, spec_overrides: list[str] | None = None) -> TrainRes
         raise
     finally:
         if created:
-            dist.destroy_process_group()
+            release_distributed()
 
 
 def check_precision(precision: str, device: torch.device) -> None:

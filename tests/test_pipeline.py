@@ -9,13 +9,19 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.types import ShardedModule
 
 from model.base import MultiTaskTrain
 from model.config import MODEL_NAMES, load_train_config
-from model.trainer import _Step, init_distributed, pipeline_trace_error, shard, use_sparse_dist
+from model.trainer import (
+    _Step,
+    init_distributed,
+    pipeline_trace_error,
+    release_distributed,
+    shard,
+    use_sparse_dist,
+)
 from tests.model_fixtures import random_batch, tiny_layout
 from tests.test_models import _model
 
@@ -28,7 +34,7 @@ def process_group() -> Iterator[None]:
     _, _, created = init_distributed(CPU)
     yield
     if created:
-        dist.destroy_process_group()
+        release_distributed()
 
 
 def _sharded(name: str) -> tuple[nn.Module, object]:

@@ -149,3 +149,25 @@ def test_precision_parity_compares_each_task_s_valid_auc_with_fp32(tmp_path) -> 
                        {t: s[:-1] for t, s in near.items()})  # fmt: skip
     with pytest.raises(ValueError, match="other valid rows"):
         precision_parity(fp32, other)
+
+
+def test_a_one_process_group_leaves_the_environment_as_it_found_it(monkeypatch) -> None:
+    """An in-process run (a test, a notebook) sets the rendezvous variables for its one-process
+    group and takes them back after: a process started later from this one (a torchrun-less
+    ``python -m jobs.train``) would otherwise join a port that is no longer its own."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from model.trainer import init_distributed, release_distributed
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    assert not dist.is_initialized()
+    assert init_distributed(torch.device("cpu")) == (0, 1, True)
+    assert os.environ["RANK"] == "0" and int(os.environ["MASTER_PORT"]) > 0
+    release_distributed()
+    assert not dist.is_initialized()
+    assert [k for k in keys if k in os.environ] == []
