@@ -41,7 +41,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -905,7 +905,7 @@ class _Failed:
 _END = object()
 
 
-def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
+def prefetch(items: Iterable[Any], depth: int) -> Generator[Any, None, None]:
     """``items``, read by a background thread up to ``depth`` ahead of the consumer (0: in the
     consumer's thread).
 

@@ -25,7 +25,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1090,8 +1090,8 @@ def _train(
 
 
 def _device_batches(
-    batches: Iterator[Batch], device: torch.device, pipelined: bool
-) -> Iterator[Batch]:
+    batches: Generator[Batch, None, None], device: torch.device, pipelined: bool
+) -> Generator[Batch, None, None]:
     """Batches as the step function wants them: host batches for TorchRec's pipeline (it
     copies them itself, on its own stream), device batches otherwise. Closing it closes
     ``batches`` (stops the prefetching thread)."""
@@ -1102,9 +1102,7 @@ def _device_batches(
             else:
                 yield batch.to(device, non_blocking=True)
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        batches.close()
 
 
 def pipeline_trace_error(dmp: nn.Module) -> str | None:

@@ -278,47 +278,40 @@ def merge_small_files(
     for f in files:
         groups.setdefault(f["partition_values"], []).append(f)
     keep: list[dict[str, Any]] = []
-    merges: list[list[dict[str, Any]]] = []
+    runs: list[list[dict[str, Any]]] = []
     for group in groups.values():
         small = sorted((f for f in group if f["size"] < small_bytes), key=lambda f: f["path"])
         keep += [f for f in group if f["size"] >= small_bytes]
         run: list[dict[str, Any]] = []
+        run_bytes = 0
         for f in small:
-            if run and sum(g["size"] for g in run) + f["size"] > target_bytes:
-                merges.append(run)
-                run = []
+            if run and run_bytes + f["size"] > target_bytes:
+                runs.append(run)
+                run, run_bytes = [], 0
             run.append(f)
-        merges.append(run)
-    keep += [run[0] for run in merges if len(run) == 1]
-    merges = [run for run in merges if len(run) > 1]
+            run_bytes += f["size"]
+        if run:
+            runs.append(run)
+    keep += [run[0] for run in runs if len(run) == 1]
+    merges = [run for run in runs if len(run) > 1]
     if not merges:
         return keep
     fs, base = pafs.FileSystem.from_uri(target.root)
-    data_names = [n for n in target.schema.names if n not in target.partition_by]
-    data_schema = pa.schema([target.schema.field(n) for n in data_names])
+    data_schema = _data_schema(target.schema, list(target.partition_by))
 
     def merge(run: list[dict[str, Any]]) -> dict[str, Any]:
-        first = run[0]["path"]
-        rel = first.replace(".parquet", f"-merged{len(run)}.parquet")
+        rel = run[0]["path"].replace(".parquet", f"-merged{len(run)}.parquet")
         out = _OpenFile(fs, base, rel, data_schema)
         try:
             for f in run:
                 with fs.open_input_file(f"{base}/{f['path']}") as src:
                     out.add_table(pq.ParquetFile(src).read())  # the file's columns alone
-            size, mtime = out.close()
+            row = out.finish(run[0]["partition_values"])
         except BaseException:
             out.abort()
             raise
-        for f in run:
-            fs.delete_file(f"{base}/{f['path']}")
-        return {
-            "path": rel,
-            "size": size,
-            "partition_values": run[0]["partition_values"],
-            "num_records": out.stats.num_records,
-            "stats": out.stats.to_json(),
-            "modification_time": mtime,
-        }
+        _remove_files(target.root, [f["path"] for f in run])
+        return row
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         merged = list(pool.map(merge, merges))
@@ -749,6 +742,11 @@ def _stats_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if any(check(f.type) for check in ok)]
 
 
+def _data_schema(schema: pa.Schema, partition_by: list[str]) -> pa.Schema:
+    """The columns a data file stores: the table's less its partition columns (in the path)."""
+    return pa.schema([f for f in schema if f.name not in partition_by])
+
+
 class _OpenFile:
     """One Parquet file being written by a task, with buffered slices and its statistics."""
 
@@ -783,14 +781,22 @@ class _OpenFile:
         self.stats.update(table)
         self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
 
-    def close(self) -> tuple[int, int]:
-        """Close the file; return (size in bytes, modification time in ms)."""
+    def finish(self, partition_values: str) -> dict[str, Any]:
+        """Close the file; return its metadata row for :func:`commit_files` (``partition_values``
+        as JSON)."""
         self.flush()
         self.writer.close()
         self.stream.close()
         info = self.fs.get_file_info(self.full_path)
         mtime = info.mtime_ns // 1_000_000 if info.mtime_ns else int(time.time() * 1000)
-        return info.size, mtime
+        return {
+            "path": self.rel_path,
+            "size": info.size,
+            "partition_values": partition_values,
+            "num_records": self.stats.num_records,
+            "stats": self.stats.to_json(),
+            "modification_time": mtime,
+        }
 
     def abort(self) -> None:
         try:
@@ -816,8 +822,8 @@ class TaskFileWriter:
     def __init__(self, root: str, partition_by: list[str], schema: pa.Schema):
         self.fs, self.base = pafs.FileSystem.from_uri(root)
         self.partition_by, self.schema = partition_by, schema
-        self.data_names = [n for n in schema.names if n not in partition_by]
-        self.data_schema = pa.schema([schema.field(n) for n in self.data_names])
+        self.data_schema = _data_schema(schema, partition_by)
+        self.data_names = self.data_schema.names
         self.files: dict[tuple[str | None, ...], _OpenFile] = {}
         from pyspark import TaskContext
 
@@ -843,20 +849,10 @@ class TaskFileWriter:
     def finish(self) -> list[dict[str, Any]]:
         out = []
         for key, f in self.files.items():
-            size, mtime = f.close()
             pvals = {
                 c: (None if v == "" else v) for c, v in zip(self.partition_by, key, strict=True)
             }
-            out.append(
-                {
-                    "path": f.rel_path,
-                    "size": size,
-                    "partition_values": json.dumps(pvals),
-                    "num_records": f.stats.num_records,
-                    "stats": f.stats.to_json(),
-                    "modification_time": mtime,
-                }
-            )
+            out.append(f.finish(json.dumps(pvals)))
         return out
 
     def abort(self) -> None:
