@@ -151,7 +151,11 @@ class TrainLoopConfig(_Strict):
     init_from: str | None = None
     # test hook: the process exits hard right after the checkpoint of this step (a crash)
     crash_after_step: int | None = None
+    # loader worker processes (spawned) converting the train and eval batches; 0: in the step's
+    # process. persistent_workers: the train loader's workers are started once for the run,
+    # not again every epoch (a few seconds each)
     num_workers: int = Field(0, ge=0)
+    persistent_workers: bool = True
     # train batches a background thread makes ahead of the step (0: made in the step's thread).
     # Off by default: on a 2-core CPU the thread halved the samples/s (GIL and cores shared
     # with the step); for a CUDA host, where the step mostly waits on the device, measure it.

@@ -807,7 +807,7 @@ def _train(
 
     stage_rows = bundle.stage_rows()
 
-    def loader(split: str, batch_size: int) -> ExamplesLoader:
+    def loader(split: str, batch_size: int, persistent: bool = False) -> ExamplesLoader:
         return make_loader(
             tables.examples,
             bundle.spec,
@@ -818,13 +818,15 @@ def _train(
             world_size=world,
             version=version,
             num_workers=tc.num_workers,
+            persistent_workers=persistent,
             pin_memory=device.type == "cuda",
             pseudo_labels=cfg.model.pseudo_labels,
             rows=stage_rows,
         )
 
     version = cfg.table_version
-    train_loader = loader("train", tc.batch_size)
+    # the eval loaders are read once each: only the train loader keeps its workers
+    train_loader = loader("train", tc.batch_size, persistent=tc.persistent_workers)
     version = train_loader.dataset.version  # pinned: the eval splits read the same snapshot
     if train_loader.dataset.num_batches == 0:
         subset = f" of stage {tc.stage_subset!r}" if tc.stage_subset else ""
@@ -997,6 +999,7 @@ def _train(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t_start
+    train_loader.close()  # its persistent workers, if any
     if bar is not None:
         bar.close()
     step_fn.detach()

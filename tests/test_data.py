@@ -8,6 +8,7 @@ independently with ``DeltaTable(...).to_pandas()``.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -21,13 +22,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, WriterProperties, write_deltalake
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from model.data import (
     Batch,
     ExamplesDataset,
     ExamplesTableError,
+    PackedBatches,
     benchmark_loader,
     make_loader,
     rank_of,
@@ -566,6 +568,132 @@ def test_loader_workers_keep_the_order_and_resume(fake_lake: Lake):
     assert len(rest) == len(one) - 3
     assert all(torch.equal(a, b) for a, b in zip(rest, one[3:], strict=True))
     assert loader.state_dict()["batches_yielded"] == len(one)
+
+
+@pytest.mark.slow  # spawns worker processes (each imports torch and torchrec)
+def test_persistent_workers_follow_the_epoch_and_the_resume_offset(fake_lake: Lake):
+    args = (fake_lake.path, fake_lake.spec, fake_lake.artifacts, "train", 32)
+    shuffled = {"shuffle": True, "shuffle_window": 2}
+
+    def in_process(epoch: int, start: int = 0) -> list[list[int]]:
+        d = make_loader(*args, **shuffled)
+        d.load_state_dict({**d.state_dict(), "epoch": epoch, "batches_yielded": start})
+        return [b.example_id.tolist() for b in d]
+
+    assert in_process(0) != in_process(1)  # the epoch reseeds the shuffle: it must reach them
+    loader = make_loader(*args, num_workers=2, **shuffled)
+    try:
+        assert [b.example_id.tolist() for b in loader] == in_process(0)
+        workers = list(loader._iterator._workers)
+        loader.dataset.set_epoch(1)
+        it = iter(loader)
+        head = [next(it).example_id.tolist() for _ in range(2)]  # the epoch is left midway
+        state = loader.state_dict()
+        assert state["epoch"] == 1 and state["batches_yielded"] == 2
+        loader.load_state_dict(state)
+        rest = [b.example_id.tolist() for b in loader]
+        assert head + rest == in_process(1)
+        assert rest == in_process(1, start=2)
+        loader.dataset.set_epoch(2)
+        assert [b.example_id.tolist() for b in loader] == in_process(2)
+        assert loader._iterator._workers == workers  # started once
+    finally:
+        loader.close()
+    assert loader._iterator is None and not any(w.is_alive() for w in workers)
+
+
+@pytest.fixture(scope="module")
+def grouped_lake(tmp_path_factory) -> Lake:
+    """The fake examples in row groups of 37 rows, two files a date."""
+    table = _fake_examples(seed=3, n_users=120)
+    path = tmp_path_factory.mktemp("grouped") / "examples"
+    props = WriterProperties(max_row_group_size=37)
+    half = table.num_rows // 2
+    _write(path, table.slice(0, half), writer_properties=props)
+    _write(path, table.slice(half), writer_properties=props, mode="append")
+    files = DeltaTable(str(path)).file_uris()
+    assert max(pq.ParquetFile(f).metadata.num_row_groups for f in files) > 3
+    return Lake(str(path), _synthetic_spec(), _fake_artifacts(_synthetic_spec()))
+
+
+def _round_robin(d: ExamplesDataset, start: int, workers: int) -> list[Batch]:
+    """What the DataLoader hands over from ``workers`` workers: one item from each in turn,
+    skipping the exhausted ones (the items are chunks: lists of batches)."""
+    chunks = [d._generate_chunks(start, workers, w) for w in range(workers)]
+    out: list[Batch] = []
+    alive = list(range(workers))
+    turn = 0
+    while alive:
+        w = alive[turn % len(alive)]
+        try:
+            out.extend(next(chunks[w]).unpack())
+            turn += 1
+        except StopIteration:
+            alive.remove(w)  # the next worker in turn takes its place
+    return out
+
+
+def _assert_same_batch(a: Batch, b: Batch) -> None:
+    for f in dataclasses.fields(Batch):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, KeyedJaggedTensor):
+            assert x.keys() == y.keys(), f.name
+            assert torch.equal(x.values(), y.values()), f.name
+            assert torch.equal(x.lengths(), y.lengths()), f.name
+        elif x is None:
+            assert y is None, f.name
+        else:
+            assert torch.equal(x, y), f.name
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize(("rank", "world_size"), [(0, 1), (0, 2), (1, 2)])
+@pytest.mark.parametrize(
+    "options", [{}, {"shuffle": True, "shuffle_window": 2}, {"drop_last": True}]
+)
+def test_worker_chunks_are_the_single_process_batches(
+    grouped_lake: Lake, workers: int, rank: int, world_size: int, options: dict
+):
+    """Workers read only the row groups of their chunks; interleaved as the DataLoader does,
+    their chunks are the single process's batches, padding and resume offset included."""
+    for start in (0, 5):
+        d = grouped_lake.dataset("train", 16, rank, world_size, read_rows=40, **options)
+        d.set_epoch(1)
+        one = list(d._generate(start))
+        many = _round_robin(d, start, workers)
+        assert d._chunk_batches(37) == (4 if options.get("shuffle") else 3)
+        assert len(many) == len(one) == d.num_batches - start > 10
+        for a, b in zip(one, many, strict=True):
+            _assert_same_batch(a, b)
+
+
+def test_worker_chunks_read_only_their_row_groups(grouped_lake: Lake):
+    d = grouped_lake.dataset("train", 16, read_rows=40)
+    pieces = d._pieces()
+    assert sum(n for _, n in pieces) == d.rows_per_rank[0] and len(pieces) > 10
+    read: list[int] = []
+    real = d._read_rows
+    with mock.patch.object(
+        d, "_read_rows", lambda p, o, r0, r1: read.append(r1 - r0) or real(p, o, r0, r1)
+    ):
+        first = [c.unpack() for c in d._generate_chunks(0, 3, 0)]
+    # worker 0 of 3 converts chunks 0, 3, 6, ... of 3 batches (48 rows) each
+    assert [len(c) for c in first[:-1]] == [3] * (len(first) - 1)
+    assert sum(read) < d.rows_per_rank[0] / 2
+
+
+def test_packed_batches_are_views_of_one_shared_buffer(fake_lake: Lake):
+    batches = list(fake_lake.dataset(batch_size=32))[:3]
+    batches.append(dataclasses.replace(batches[0], sequences=None))
+    packed = PackedBatches.pack(batches, shared=True)
+    assert packed.buffer.is_shared() and len(packed) == 4
+    out = packed.unpack()
+    for a, b in zip(batches, out, strict=True):
+        _assert_same_batch(a, b)
+    base = packed.buffer.untyped_storage().data_ptr()
+    for b in out:
+        assert b.labels.untyped_storage().data_ptr() == base
+        assert b.sparse_features.values().untyped_storage().data_ptr() == base
 
 
 def test_benchmark_loader_reports_samples_per_second(fake_lake: Lake):

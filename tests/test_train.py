@@ -431,8 +431,9 @@ def test_torchrec_s_pipeline_trains_stan_as_the_plain_loop(kuairand_train_lake, 
     """``train.pipeline=sparse_dist`` (TorchRec's TrainPipelineSparseDist, CUDA's default step)
     runs on CPU too: STAN on the real lake (its Beta state advanced batch by batch, the pipeline
     one batch ahead) logs the losses of the plain loop, and so does the plain loop fed by the
-    prefetching thread (``train.prefetch_batches``), across an epoch's end (16 steps of 1024
-    rows: more than the slice's 14k rows). Every model is checked the same way on random
+    prefetching thread (``train.prefetch_batches``) and by two persistent worker processes
+    (``train.num_workers``, started once and told the next epoch), across an epoch's end (16
+    steps of 1024 rows: more than the slice's 14k rows). Every model is checked the same way on random
     batches in ``test_pipeline.py``."""
     ov = kuairand_train_lake["spec_overrides"]
     runs = {}
@@ -440,6 +441,7 @@ def test_torchrec_s_pipeline_trains_stan_as_the_plain_loop(kuairand_train_lake, 
         "simple": ["train.pipeline=simple"],
         "sparse_dist": ["train.pipeline=sparse_dist"],
         "prefetch": ["train.pipeline=simple", "train.prefetch_batches=3"],
+        "workers": ["train.pipeline=simple", "train.num_workers=2"],
     }
     for name, sets in variants.items():
         cfg = _cfg(
@@ -455,7 +457,7 @@ def test_torchrec_s_pipeline_trains_stan_as_the_plain_loop(kuairand_train_lake, 
         )
         runs[name] = train(cfg, ov).history
     assert [h["step"] for h in runs["sparse_dist"]] == [4.0, 8.0, 12.0, 16.0]
-    for other in ("sparse_dist", "prefetch"):
+    for other in ("sparse_dist", "prefetch", "workers"):
         for a, b in zip(runs["simple"], runs[other], strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), other
 
