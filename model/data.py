@@ -685,9 +685,11 @@ class ExamplesDataset(IterableDataset):
             yield PackedBatches.pack(batches, shared=True)
 
     def _chunk_batches(self, largest_piece: int) -> int:
-        """K: batches per worker chunk, at least ``read_rows`` rows and the largest row group
-        (so that few row groups are read by two workers), a multiple of the shuffle window."""
-        k = max(1, math.ceil(max(self.read_rows, largest_piece) / self.batch_size))
+        """K: batches per worker chunk, a multiple of the shuffle window: rows enough for the
+        largest row group (so that few row groups are read by two workers), at least
+        ``read_rows`` and at most ``4 * read_rows`` (a chunk waits whole in shared memory)."""
+        rows = min(max(self.read_rows, largest_piece), 4 * self.read_rows)
+        k = max(1, math.ceil(rows / self.batch_size))
         if self.shuffle:
             k = math.ceil(k / self.shuffle_window) * self.shuffle_window
         return k

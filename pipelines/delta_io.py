@@ -68,8 +68,10 @@ Writer = Literal["delta-rs", "delta-spark"]
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 # Buffer rows per open file before writing a row group (a Spark Arrow batch split by partition
-# value gives small slices; writing each as a row group would give tiny row groups).
-ROW_GROUP_ROWS = 1_000_000
+# value gives small slices; writing each as a row group would give tiny row groups). At most
+# 128k rows: a training loader worker reads the row groups holding its chunk of batches, and a
+# chunk is sized to hold the largest of them (model/data.py).
+ROW_GROUP_ROWS = 131_072
 ROW_GROUP_BYTES = 128 << 20
 TASK_BUFFER_BYTES = 512 << 20
 _PLAIN_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

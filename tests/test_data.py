@@ -662,6 +662,7 @@ def test_worker_chunks_are_the_single_process_batches(
         one = list(d._generate(start))
         many = _round_robin(d, start, workers)
         assert d._chunk_batches(37) == (4 if options.get("shuffle") else 3)
+        assert d._chunk_batches(10**6) == 10  # 4 * read_rows: bounded shared memory
         assert len(many) == len(one) == d.num_batches - start > 10
         for a, b in zip(one, many, strict=True):
             _assert_same_batch(a, b)
