@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -656,6 +657,8 @@ class ExamplesDataset(IterableDataset):
         found from a pass over the ``split`` / ``user_id`` columns: the workers share the
         reading and decoding of the files, not only the conversion."""
         B = self.batch_size
+        # the workers are the parallelism: Arrow's pool in each shares the cores among them
+        pa.set_cpu_count(max(1, (os.cpu_count() or 1) // workers))
         pieces = self._pieces()
         real = sum(n for _, n in pieces)
         if real != self.rows_per_rank[self.rank]:
