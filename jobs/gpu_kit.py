@@ -12,7 +12,7 @@ to a scratch folder that outlives the command, and a last one that runs
 wheels with ``pip --target``, and runs the train benchmark (STAN at the paper's settings at
 batch 8192 in fp32, TF32 and bf16 with the fp32 parity check, at 2048 and 32768 in TF32; PLE
 and MLP_single in TF32 at 8192, the issue's references; STAN with the batches prefetched by a
-thread) and a row-wise sharded STAN run, logs and results under
+thread, and with 4 loader worker processes) and a row-wise sharded STAN run, logs and results under
 ``$OUT`` (a run cut short still returns the rows its log printed).
 
 Only the standard library here: ``run`` starts before anything is installed.
@@ -193,6 +193,10 @@ def benchmarks(lake: Path, work: Path, quick: bool) -> list[tuple[str, list[str]
         ("stan_prefetch", [*bench, "--work", str(work / "stan_prefetch"), "--models", "stan",
                            "--batch-sizes", "8192", "--precisions", "tf32",
                            "--prefetch-batches", "2", "--loader-seconds", "0"]),
+        # and by 4 loader worker processes (each reads a share of the files), the loader alone too
+        ("stan_workers", [*bench, "--work", str(work / "stan_workers"), "--models", "stan",
+                          "--batch-sizes", "8192", "--precisions", "tf32",
+                          "--num-workers", "4", "--loader-seconds", "5"]),
         ("references", [*bench, "--work", str(work / "references"), "--models",
                         "ple,mlp_single", "--batch-sizes", "8192", "--precisions", "tf32",
                         "--loader-seconds", "0"]),
