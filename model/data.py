@@ -853,7 +853,9 @@ class ExamplesDataset(IterableDataset):
         sparse = KeyedJaggedTensor(
             keys=list(lay.sparse_keys),
             values=torch.from_numpy(sparse_values),
-            lengths=torch.ones(len(lay.sparse_keys) * B, dtype=torch.int32),
+            # numpy's fill: torch.ones forks OpenMP threads, which wait for cores Arrow's
+            # read-ahead holds (2.5 ms a batch of 8192 on 2 cores, against 0.1 ms)
+            lengths=torch.from_numpy(np.ones(len(lay.sparse_keys) * B, np.int32)),
         )
 
         labels = floats(lay.label_columns, "label")
