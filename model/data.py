@@ -454,6 +454,10 @@ def count_rows_per_rank(
 class ExamplesDataset(IterableDataset):
     """Batches of one rank's share of the examples table (see the module docstring).
 
+    Iterated in a DataLoader worker process it yields :class:`PackedBatches` chunks, which
+    :class:`ExamplesLoader` unpacks (use it, or :func:`make_loader`, rather than a plain
+    ``DataLoader`` with workers).
+
     Args:
         path: the examples Delta table (``Tables.for_spec(lake, spec).examples``).
         spec: the feature spec the table was built with.
@@ -564,6 +568,7 @@ class ExamplesDataset(IterableDataset):
         # (epoch, start) of the loader's current iteration, for persistent worker processes,
         # whose copy of this object is made once (ExamplesLoader sets it)
         self._iteration: Any | None = None
+        self._schema: pa.Schema | None = None  # the table's, set by _pieces for _read_rows
 
     # ------------------------------------------------------------------ sizes and state
     def __len__(self) -> int:
@@ -651,11 +656,12 @@ class ExamplesDataset(IterableDataset):
     # ------------------------------------------------------------------ worker processes
     def _generate_chunks(self, start: int, workers: int, worker: int) -> Iterator[PackedBatches]:
         """A worker's share: chunks of K consecutive batches, chunk j (from the one holding
-        batch ``start``) to worker ``j mod workers``, each a list of its batches (the loader
-        flattens them; the DataLoader takes items from the workers round-robin, so the order
-        is the single process's), packed in one shared-memory block. A worker reads only the row groups its chunks' rows lie in,
-        found from a pass over the ``split`` / ``user_id`` columns: the workers share the
-        reading and decoding of the files, not only the conversion."""
+        batch ``start``) to worker ``j mod workers``, each its batches packed in one
+        shared-memory block (the loader unpacks them; the DataLoader takes items from the
+        workers round-robin, so the order is the single process's). A worker reads only the
+        row groups that its chunks' rows lie in, found from a pass over the ``split`` (and
+        ``user_id``) column per row group: the workers share the reading and decoding of the
+        files, not only the conversion."""
         B = self.batch_size
         # the workers are the parallelism: Arrow's pool in each shares the cores among them
         pa.set_cpu_count(max(1, (os.cpu_count() or 1) // workers))
@@ -1090,8 +1096,9 @@ def make_loader(
 ) -> ExamplesLoader:
     """A DataLoader of ready :class:`Batch` objects (``batch_size=None``: no collation).
 
-    ``num_workers > 0`` converts batches in worker processes (each still scans the files, and
-    converts every ``num_workers``-th batch). They are started with ``spawn`` (or
+    ``num_workers > 0`` reads and converts batches in worker processes, each making every
+    ``num_workers``-th chunk of consecutive batches from the row groups that hold it
+    (:meth:`ExamplesDataset._generate_chunks`). They are started with ``spawn`` (or
     ``forkserver``), never ``fork``: delta-rs's tokio runtime panics in a forked child. Spawning
     costs a few seconds per worker (importing torch, pyarrow and delta-rs), paid once per loader
     with ``persistent_workers`` (the default) and once per epoch without. ``pin_memory=True``
