@@ -73,6 +73,8 @@ SPLITS = ("history", "train", "valid", "test")
 OOV = 0
 # Spark's xxhash64 seed (org.apache.spark.sql.catalyst.expressions.XxHash64).
 SPARK_XXHASH_SEED = 42
+# Rows converted together before being sliced into batches (ExamplesDataset._convert).
+CONVERT_ROWS = 65536
 
 __all__ = [
     "Batch",
@@ -137,6 +139,36 @@ class Batch(Pipelineable):
     def batch_size(self) -> int:
         """B, padding rows included."""
         return int(self.labels.shape[0])
+
+    def rows(self, start: int, n: int) -> Batch:
+        """Rows ``[start, start + n)`` as a batch of n rows: the per-row tensors as views, the
+        KJTs' values and lengths gathered key by key (they are key-major)."""
+        B = self.batch_size
+        rows = slice(start, start + n)
+
+        def kjt_rows(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+            n_keys = len(kjt.keys())
+            lengths = kjt.lengths().view(n_keys, B)
+            offsets = kjt.offsets()
+            values = kjt.values()
+            parts = [
+                values[int(offsets[k * B + start]) : int(offsets[k * B + start + n])]
+                for k in range(n_keys)
+            ]
+            return KeyedJaggedTensor(
+                keys=kjt.keys(), values=torch.cat(parts), lengths=lengths[:, rows].reshape(-1)
+            )
+
+        return Batch(
+            **{
+                f.name: None
+                if (v := getattr(self, f.name)) is None
+                else kjt_rows(v)
+                if isinstance(v, KeyedJaggedTensor)
+                else v[rows]
+                for f in dataclasses.fields(self)
+            }
+        )
 
     def _map(self, fn: Any) -> Batch:
         return Batch(
@@ -636,6 +668,8 @@ class ExamplesDataset(IterableDataset):
         B = self.batch_size
         expected = self._real_batches
         n_real = 0
+        group: list[pa.Table] = []
+        position = start
         for i, table in enumerate(self._rank_tables()):
             if i >= self.num_batches:
                 break  # drop_last: the rows beyond num_batches * B are dropped
@@ -644,14 +678,44 @@ class ExamplesDataset(IterableDataset):
                 self._stale(f"more than {self.rows_per_rank[self.rank]}")
             if i < start:
                 continue
-            self._position = i + 1
-            yield self._to_batch(table, B - table.num_rows)
+            group.append(table)
+            if len(group) * B < CONVERT_ROWS and table.num_rows == B:
+                continue
+            for batch in self._convert(group):
+                position += 1
+                self._position = position
+                yield batch
+            group = []
+        for batch in self._convert(group):
+            position += 1
+            self._position = position
+            yield batch
         if n_real < expected:
             self._stale(f"fewer than {self.rows_per_rank[self.rank]}")
         for i in range(max(n_real, start), self.num_batches):
             # Padding batches: this rank has no real rows left, a larger rank still has some.
             self._position = i + 1
             yield self._to_batch(None, B)
+
+    def _convert(self, tables: list[pa.Table]) -> list[Batch]:
+        """Consecutive tables of B rows (the last one possibly shorter: padded) -> batches.
+        Converted together in blocks of about CONVERT_ROWS rows and sliced: the per-column
+        costs of a conversion are paid once a block, not once a batch (at B = 1024 they were
+        most of the loader's time)."""
+        B = self.batch_size
+        out: list[Batch] = []
+        full = tables if not tables or tables[-1].num_rows == B else tables[:-1]
+        per_block = max(1, CONVERT_ROWS // B)
+        for s in range(0, len(full), per_block):
+            block = full[s : s + per_block]
+            if len(block) == 1:
+                out.append(self._to_batch(block[0], 0))
+                continue
+            big = self._to_batch(pa.concat_tables(block).combine_chunks(), 0)
+            out.extend(big.rows(k * B, B) for k in range(len(block)))
+        if len(full) < len(tables):
+            out.append(self._to_batch(tables[-1], B - tables[-1].num_rows))
+        return out
 
     # ------------------------------------------------------------------ worker processes
     def _generate_chunks(self, start: int, workers: int, worker: int) -> Iterator[PackedBatches]:
@@ -686,10 +750,12 @@ class ExamplesDataset(IterableDataset):
                 window = window_batches * B  # chunks hold whole shuffle windows (k is a multiple)
                 for w in range(0, rows.num_rows, window):
                     tables.extend(self._split(rows.slice(w, window), (r0 + w) // window))
-            batches = []
-            for i in range(max(first, start), stop):
-                table = tables[i - first] if i - first < len(tables) else None
-                batches.append(self._to_batch(table, B - (0 if table is None else table.num_rows)))
+            skip = max(first, start) - first
+            batches = self._convert(tables[skip:])
+            # padding batches: this rank's real rows ended, a larger rank still has some
+            batches += [
+                self._to_batch(None, B) for _ in range(stop - max(first, start) - len(batches))
+            ]
             self._position = stop
             yield PackedBatches.pack(batches, shared=True)
 
@@ -976,9 +1042,9 @@ class PackedBatches:
                 for slot in entry[2:] if entry and entry[0] == "kjt" else (entry,):
                     if slot is not None:
                         t = next(it)
-                        buffer[slot[0] : slot[0] + t.numel() * t.element_size()].copy_(
-                            t.reshape(-1).view(torch.uint8)
-                        )
+                        # the destination viewed as the tensor's type: any strides copy
+                        dest = buffer[slot[0] : slot[0] + t.numel() * t.element_size()]
+                        dest.view(t.dtype).copy_(t.reshape(-1))
         return cls(buffer, layouts)
 
     def _tensor(self, slot: tuple[int, torch.dtype, tuple[int, ...]]) -> torch.Tensor:

@@ -697,6 +697,33 @@ def test_packed_batches_are_views_of_one_shared_buffer(fake_lake: Lake):
         assert b.sparse_features.values().untyped_storage().data_ptr() == base
 
 
+@pytest.mark.parametrize("convert_rows", [1, 20, 16384])
+@pytest.mark.parametrize("batch_size", [7, 64])
+@pytest.mark.parametrize("options", [{}, {"shuffle": True, "shuffle_window": 3}])
+def test_batches_converted_in_blocks_equal_batches_converted_one_by_one(
+    grouped_lake: Lake, convert_rows: int, batch_size: int, options: dict
+):
+    """Blocks of rows are converted together and sliced (Batch.rows): the batches are those
+    converted one by one, the last partial one and the padding batches of the smaller rank
+    included, in process and in worker chunks."""
+    padded = False
+    for rank in (0, 1):
+        d = grouped_lake.dataset("train", batch_size, rank, 2, read_rows=40, **options)
+        d.set_epoch(2)
+        one_by_one = [d._to_batch(t, batch_size - t.num_rows) for t in d._rank_tables()]
+        one_by_one += [d._to_batch(None, batch_size)] * (d.num_batches - len(one_by_one))
+        with mock.patch("model.data.CONVERT_ROWS", convert_rows):
+            in_blocks = list(d._generate(0))
+            resumed = list(d._generate(3))
+            chunks = _round_robin(d, 0, 2)
+        assert len(in_blocks) == len(one_by_one) == d.num_batches
+        padded |= bool(one_by_one[-1].mask.sum() < batch_size)
+        for got in (in_blocks, resumed, chunks):
+            for a, b in zip(one_by_one[len(one_by_one) - len(got) :], got, strict=True):
+                _assert_same_batch(a, b)
+    assert padded  # a padded batch is part of the check
+
+
 def test_benchmark_loader_reports_samples_per_second(fake_lake: Lake):
     rate = benchmark_loader(fake_lake.path, fake_lake.spec, fake_lake.artifacts, 64, 0.2)
     assert rate > 0
