@@ -12,6 +12,8 @@ example_id)). This module turns it into TorchRec-ready :class:`Batch` objects:
   Arrow record batches; the table is never loaded whole.
 * **Vectorised**: a columnar Arrow batch becomes a :class:`Batch` with numpy / torch array ops;
   the sequence KeyedJaggedTensor is built from the Arrow list offsets directly. No per-row Python.
+  Rows are converted in blocks of ``CONVERT_ROWS`` and sliced into batches (:meth:`Batch.rows`),
+  so small batches do not pay a conversion's per-column costs each.
 * **Sharded by user**: row r goes to rank ``user_key mod world_size`` (non-negative modulo), so
   all events of a user are seen by one rank, in stored order: dates ascending, within a date
   files by path, and each user's rows of a day in time order. ``user_key`` is Spark's
