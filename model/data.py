@@ -561,6 +561,7 @@ class ExamplesDataset(IterableDataset):
         self.end_date = end_date
         self.read_rows = int(read_rows)
         self.rows = rows
+        self._filter = _row_filter(self.splits, start_date, end_date, rows)  # what the scans keep
         self.layout = _layout(spec, artifacts, pseudo_labels)
         self.pseudo_labels = pseudo_labels
 
@@ -602,7 +603,6 @@ class ExamplesDataset(IterableDataset):
         # (epoch, start) of the loader's current iteration, for persistent worker processes,
         # whose copy of this object is made once (ExamplesLoader sets it)
         self._iteration: Any | None = None
-        self._schema: pa.Schema | None = None  # the table's, set by _pieces for _read_rows
 
     # ------------------------------------------------------------------ sizes and state
     def __len__(self) -> int:
@@ -670,27 +670,20 @@ class ExamplesDataset(IterableDataset):
         B = self.batch_size
         expected = self._real_batches
         n_real = 0
-        group: list[pa.Table] = []
-        position = start
-        for i, table in enumerate(self._rank_tables()):
-            if i >= self.num_batches:
-                break  # drop_last: the rows beyond num_batches * B are dropped
-            n_real = i + 1
-            if n_real > expected:
-                self._stale(f"more than {self.rows_per_rank[self.rank]}")
-            if i < start:
-                continue
-            group.append(table)
-            if len(group) * B < CONVERT_ROWS and table.num_rows == B:
-                continue
-            for batch in self._convert(group):
-                position += 1
-                self._position = position
-                yield batch
-            group = []
-        for batch in self._convert(group):
-            position += 1
-            self._position = position
+
+        def tables() -> Iterator[pa.Table]:
+            nonlocal n_real
+            for i, table in enumerate(self._rank_tables()):
+                if i >= self.num_batches:
+                    break  # drop_last: the rows beyond num_batches * B are dropped
+                n_real = i + 1
+                if n_real > expected:
+                    self._stale(f"more than {self.rows_per_rank[self.rank]}")
+                if i >= start:
+                    yield table
+
+        for i, batch in enumerate(self._convert(tables()), start + 1):
+            self._position = i
             yield batch
         if n_real < expected:
             self._stale(f"fewer than {self.rows_per_rank[self.rank]}")
@@ -699,25 +692,32 @@ class ExamplesDataset(IterableDataset):
             self._position = i + 1
             yield self._to_batch(None, B)
 
-    def _convert(self, tables: list[pa.Table]) -> list[Batch]:
+    def _convert(self, tables: Iterable[pa.Table]) -> Iterator[Batch]:
         """Consecutive tables of B rows (the last one possibly shorter: padded) -> batches.
         Converted together in blocks of about CONVERT_ROWS rows and sliced: the per-column
         costs of a conversion are paid once a block, not once a batch (at B = 1024 they were
         most of the loader's time)."""
         B = self.batch_size
-        out: list[Batch] = []
-        full = tables if not tables or tables[-1].num_rows == B else tables[:-1]
         per_block = max(1, CONVERT_ROWS // B)
-        for s in range(0, len(full), per_block):
-            block = full[s : s + per_block]
-            if len(block) == 1:
-                out.append(self._to_batch(block[0], 0))
+        block: list[pa.Table] = []
+        for table in tables:
+            if table.num_rows < B:  # the last one
+                yield from self._convert_block(block)
+                block = []
+                yield self._to_batch(table, B - table.num_rows)
                 continue
-            big = self._to_batch(pa.concat_tables(block).combine_chunks(), 0)
-            out.extend(big.rows(k * B, B) for k in range(len(block)))
-        if len(full) < len(tables):
-            out.append(self._to_batch(tables[-1], B - tables[-1].num_rows))
-        return out
+            block.append(table)
+            if len(block) == per_block:
+                yield from self._convert_block(block)
+                block = []
+        yield from self._convert_block(block)
+
+    def _convert_block(self, block: list[pa.Table]) -> list[Batch]:
+        if len(block) <= 1:
+            return [self._to_batch(t, 0) for t in block]
+        B = self.batch_size
+        big = self._to_batch(pa.concat_tables(block).combine_chunks(), 0)
+        return [big.rows(k * B, B) for k in range(len(block))]
 
     # ------------------------------------------------------------------ worker processes
     def _generate_chunks(self, start: int, workers: int, worker: int) -> Iterator[PackedBatches]:
@@ -731,15 +731,15 @@ class ExamplesDataset(IterableDataset):
         B = self.batch_size
         # the workers are the parallelism: Arrow's pool in each shares the cores among them
         pa.set_cpu_count(max(1, (os.cpu_count() or 1) // workers))
-        pieces = self._pieces()
-        real = sum(n for _, n in pieces)
+        schema, pieces = self._pieces()
+        offsets = np.concatenate([[0], np.cumsum([n for _, n in pieces], dtype=np.int64)])
+        real = int(offsets[-1])
         if real != self.rows_per_rank[self.rank]:
             what = "more" if real > self.rows_per_rank[self.rank] else "fewer"
             self._stale(f"{what} than {self.rows_per_rank[self.rank]}")
         real = min(real, self.num_batches * B)  # drop_last drops the rest
         k = self._chunk_batches(max((n for _, n in pieces), default=0))
         window_batches = self.shuffle_window if self.shuffle else 1
-        offsets = np.concatenate([[0], np.cumsum([n for _, n in pieces], dtype=np.int64)])
         n_chunks = math.ceil(self.num_batches / k)
         for j, c in enumerate(range(start // k, n_chunks)):
             if j % workers != worker:
@@ -748,12 +748,12 @@ class ExamplesDataset(IterableDataset):
             r0, r1 = min(first * B, real), min(stop * B, real)
             tables: list[pa.Table] = []
             if r1 > r0:
-                rows = self._read_rows(pieces, offsets, r0, r1)
+                rows = self._read_rows(schema, pieces, offsets, r0, r1)
                 window = window_batches * B  # chunks hold whole shuffle windows (k is a multiple)
                 for w in range(0, rows.num_rows, window):
                     tables.extend(self._split(rows.slice(w, window), (r0 + w) // window))
             skip = max(first, start) - first
-            batches = self._convert(tables[skip:])
+            batches = list(self._convert(tables[skip:]))
             # padding batches: this rank's real rows ended, a larger rank still has some
             batches += [
                 self._to_batch(None, B) for _ in range(stop - max(first, start) - len(batches))
@@ -771,15 +771,15 @@ class ExamplesDataset(IterableDataset):
             k = math.ceil(k / self.shuffle_window) * self.shuffle_window
         return k
 
-    def _pieces(self) -> list[tuple[ds.Fragment, int]]:
-        """This rank's rows per row group, in the scan's order: (row-group fragment, rows)."""
+    def _pieces(self) -> tuple[pa.Schema, list[tuple[ds.Fragment, int]]]:
+        """The table's schema, and this rank's rows per row group in the scan's order:
+        (row-group fragment, rows)."""
         dataset, _ = _open_dataset(self.path, self.version)
-        expr = _row_filter(self.splits, self.start_date, self.end_date, self.rows)
-        self._schema = dataset.schema
+        expr = self._filter
+        cols = ["user_id"] if self.world_size > 1 else []
         pieces = []
         for frag in _ordered(dataset, expr).get_fragments():
             for group in frag.split_by_row_group(expr, schema=dataset.schema):
-                cols = ["user_id"] if self.world_size > 1 else []
                 ids = group.to_table(columns=cols, filter=expr, schema=dataset.schema)
                 if self.world_size > 1:
                     ranks = rank_of(user_keys(ids.column("user_id")), self.world_size)
@@ -787,19 +787,23 @@ class ExamplesDataset(IterableDataset):
                 else:
                     n = ids.num_rows
                 pieces.append((group, n))
-        return pieces
+        return dataset.schema, pieces
 
     def _read_rows(
-        self, pieces: list[tuple[ds.Fragment, int]], offsets: np.ndarray, r0: int, r1: int
+        self,
+        schema: pa.Schema,
+        pieces: list[tuple[ds.Fragment, int]],
+        offsets: np.ndarray,
+        r0: int,
+        r1: int,
     ) -> pa.Table:
         """Rows [r0, r1) of this rank's stream, read from the row groups that hold them."""
         lo = int(np.searchsorted(offsets, r0, side="right")) - 1
         hi = int(np.searchsorted(offsets, r1, side="left"))
         groups = [g for g, n in pieces[lo:hi] if n]
-        expr = _row_filter(self.splits, self.start_date, self.end_date, self.rows)
         part = ds.FileSystemDataset(
-            groups, self._schema, groups[0].format, groups[0].filesystem
-        ).to_table(columns=self.layout.batch_columns, filter=expr)
+            groups, schema, groups[0].format, groups[0].filesystem
+        ).to_table(columns=self.layout.batch_columns, filter=self._filter)
         if self.world_size > 1:
             keep = rank_of(user_keys(part.column("user_id")), self.world_size) == self.rank
             part = part.filter(pa.array(keep))
@@ -818,7 +822,7 @@ class ExamplesDataset(IterableDataset):
 
     def _scan(self) -> Iterator[pa.RecordBatch]:
         dataset, _ = _open_dataset(self.path, self.version)
-        expr = _row_filter(self.splits, self.start_date, self.end_date, self.rows)
+        expr = self._filter
         reader = (
             _ordered(dataset, expr)
             .scanner(
@@ -1011,15 +1015,14 @@ class PackedBatches:
     @classmethod
     def pack(cls, batches: Sequence[Batch], shared: bool = False) -> PackedBatches:
         """One buffer for ``batches`` (in shared memory with ``shared``: no copy when sent)."""
-        tensors: list[torch.Tensor] = []
+        placed: list[tuple[int, torch.Tensor]] = []
         size = 0
 
         def place(t: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...]]:
             nonlocal size
-            t = t.contiguous()
             offset = -(-size // cls.ALIGN) * cls.ALIGN
             size = offset + t.numel() * t.element_size()
-            tensors.append(t)
+            placed.append((offset, t))
             return offset, t.dtype, tuple(t.shape)
 
         layouts: list[list[Any]] = []
@@ -1038,20 +1041,15 @@ class PackedBatches:
             buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
         else:
             buffer = torch.empty(size, dtype=torch.uint8)
-        it = iter(tensors)
-        for layout in layouts:
-            for entry in layout:
-                for slot in entry[2:] if entry and entry[0] == "kjt" else (entry,):
-                    if slot is not None:
-                        t = next(it)
-                        # the destination viewed as the tensor's type: any strides copy
-                        dest = buffer[slot[0] : slot[0] + t.numel() * t.element_size()]
-                        dest.view(t.dtype).copy_(t.reshape(-1))
+        for offset, t in placed:
+            # the destination viewed as the tensor's type: any strides copy
+            dest = buffer[offset : offset + t.numel() * t.element_size()]
+            dest.view(t.dtype).copy_(t.reshape(-1))
         return cls(buffer, layouts)
 
     def _tensor(self, slot: tuple[int, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
         offset, dtype, shape = slot
-        n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        n = math.prod(shape) * dtype.itemsize
         return self.buffer[offset : offset + n].view(dtype).view(shape)
 
     def unpack(self) -> list[Batch]:

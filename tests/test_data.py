@@ -670,12 +670,14 @@ def test_worker_chunks_are_the_single_process_batches(
 
 def test_worker_chunks_read_only_their_row_groups(grouped_lake: Lake):
     d = grouped_lake.dataset("train", 16, read_rows=40)
-    pieces = d._pieces()
+    _, pieces = d._pieces()
     assert sum(n for _, n in pieces) == d.rows_per_rank[0] and len(pieces) > 10
     read: list[int] = []
     real = d._read_rows
     with mock.patch.object(
-        d, "_read_rows", lambda p, o, r0, r1: read.append(r1 - r0) or real(p, o, r0, r1)
+        d,
+        "_read_rows",
+        lambda s, p, o, r0, r1: read.append(r1 - r0) or real(s, p, o, r0, r1),
     ):
         first = [c.unpack() for c in d._generate_chunks(0, 3, 0)]
     # worker 0 of 3 converts chunks 0, 3, 6, ... of 3 batches (48 rows) each
