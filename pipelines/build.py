@@ -671,7 +671,7 @@ def _build(
                 files,
                 small_bytes=int(cfg.delta.merge_files_below_mb * 2**20),
                 target_bytes=int(cfg.delta.target_file_mb * 2**20),
-                threads=spark.sparkContext.defaultParallelism,
+                spark=spark,
             )
         days = out.where(F.col(K_FILE).isNull()).drop(K_FILE)
         log.info(

@@ -51,6 +51,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
@@ -261,6 +262,7 @@ def merge_small_files(
     *,
     small_bytes: int,
     target_bytes: int,
+    spark: SparkSession | None = None,
     threads: int = 2,
 ) -> list[dict[str, Any]]:
     """Files written by ``target``'s task writers, with each partition's small files merged,
@@ -272,10 +274,33 @@ def merge_small_files(
     of the speed of the same rows in 15 files). Within a partition, files below ``small_bytes``
     are merged in their path (task) order into files of at most about ``target_bytes``, each
     named after its first input: every input's rows stay together and in their order (a user's
-    rows, which one task writes, too). Larger files are kept as they are. Returns the metadata
-    rows of the files to commit; the merged files' inputs are deleted."""
-    from concurrent.futures import ThreadPoolExecutor
+    rows, which one task writes, too). Larger files are kept as they are.
 
+    With ``spark`` the merges run as one Spark job, a task per merged file, on the executors
+    (the driver reads no rows: a day's examples are the whole day's data); without it, on
+    ``threads`` driver threads. The merged inputs are deleted once every merge has succeeded,
+    so that a retried task still finds its inputs. Returns the metadata rows of the files to
+    commit."""
+    keep, merges = _plan_merges(files, small_bytes, target_bytes)
+    if not merges:
+        return keep
+    merge = partial(_merge_run, target)
+    if spark is not None:
+        merged = spark.sparkContext.parallelize(merges, len(merges)).map(merge).collect()
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            merged = list(pool.map(merge, merges))
+    _remove_files(target.root, [f["path"] for run in merges for f in run], threads=16)
+    return keep + merged
+
+
+def _plan_merges(
+    files: Sequence[dict[str, Any]], small_bytes: int, target_bytes: int
+) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """(files kept as they are, runs of two or more files to merge into one) for
+    :func:`merge_small_files`."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for f in files:
         groups.setdefault(f["partition_values"], []).append(f)
@@ -295,29 +320,28 @@ def merge_small_files(
         if run:
             runs.append(run)
     keep += [run[0] for run in runs if len(run) == 1]
-    merges = [run for run in runs if len(run) > 1]
-    if not merges:
-        return keep
+    return keep, [run for run in runs if len(run) > 1]
+
+
+def _merge_run(target: WriteTarget, run: list[dict[str, Any]]) -> dict[str, Any]:
+    """One file of ``run``'s files' rows in their order; its metadata row. The inputs stay.
+    A retried Spark task writes a file of its own (the attempt in its name)."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    attempt = f"-{ctx.attemptNumber()}" if ctx is not None and ctx.attemptNumber() else ""
     fs, base = pafs.FileSystem.from_uri(target.root)
     data_schema = _data_schema(target.schema, list(target.partition_by))
-
-    def merge(run: list[dict[str, Any]]) -> dict[str, Any]:
-        rel = run[0]["path"].replace(".parquet", f"-merged{len(run)}.parquet")
-        out = _OpenFile(fs, base, rel, data_schema)
-        try:
-            for f in run:
-                with fs.open_input_file(f"{base}/{f['path']}") as src:
-                    out.add_table(pq.ParquetFile(src).read())  # the file's columns alone
-            row = out.finish(run[0]["partition_values"])
-        except BaseException:
-            out.abort()
-            raise
-        _remove_files(target.root, [f["path"] for f in run])
-        return row
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        merged = list(pool.map(merge, merges))
-    return keep + merged
+    rel = run[0]["path"].replace(".parquet", f"-merged{len(run)}{attempt}.parquet")
+    out = _OpenFile(fs, base, rel, data_schema)
+    try:
+        for f in run:
+            with fs.open_input_file(f"{base}/{f['path']}") as src:
+                out.add_table(pq.ParquetFile(src).read())  # the file's columns alone
+        return out.finish(run[0]["partition_values"])
+    except BaseException:
+        out.abort()
+        raise
 
 
 def read_delta(
@@ -555,13 +579,25 @@ def _check_inside(actions: list[Any], replace: dict[str, list[str]], root: str) 
                 )
 
 
-def _remove_files(root: str, paths: Sequence[str]) -> None:
+def _remove_files(root: str, paths: Sequence[str], threads: int = 1) -> None:
+    """Delete ``paths`` under ``root``, ignoring those already gone; on ``threads`` threads
+    (an object store deletes one file a request)."""
     fs, base = pafs.FileSystem.from_uri(root)
-    for p in paths:
+
+    def remove(p: str) -> None:
         try:
             fs.delete_file(f"{base}/{p}")
         except OSError:
             pass
+
+    if threads <= 1 or len(paths) <= 1:
+        for p in paths:
+            remove(p)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        list(pool.map(remove, paths))
 
 
 def _open(root: str, version: int | None = None) -> Any:

@@ -369,3 +369,50 @@ def test_small_files_of_a_partition_are_merged_before_the_commit(tmp_path):
         target, again, small_bytes=big, target_bytes=2 * small, threads=1
     )
     assert sorted(f["num_records"] for f in cut) == sorted([20, 10] * 3)
+
+
+def test_merges_run_as_spark_tasks_and_keep_their_inputs_until_all_succeed(spark, tmp_path):
+    """With a session the merges are a Spark job (a task per merged file) whose files equal the
+    driver threads' merge; a failed merge leaves every input in place (a retried task, or a
+    re-run, still finds them) and no partial merged file."""
+    rows = {task: _rows(range(task * 30, task * 30 + 30)) for task in range(3)}
+
+    def merged_by(path: str, **how) -> tuple[list[dict], list[list]]:
+        target = delta_io.write_target(path, SCHEMA, ["date"])
+        files = [f for task in range(3) for f in _task_files(target, task, rows[task])]
+        big = max(f["size"] for f in files) + 1
+        out = delta_io.merge_small_files(
+            target, files, small_bytes=big, target_bytes=100 * big, **how
+        )
+        assert not any(Path(path, f["path"]).exists() for f in files)
+        ids = [pq.read_table(Path(path, f["path"])).column("id").to_pylist() for f in out]
+        return sorted(out, key=lambda f: f["partition_values"]), ids
+
+    sc = spark.sparkContext
+    sc.setJobGroup("merge-test", "merge small files")
+    try:
+        by_spark, spark_ids = merged_by(str(tmp_path / "s"), spark=spark)
+        assert len(sc.statusTracker().getJobIdsForGroup("merge-test")) == 1
+    finally:
+        sc.setJobGroup("", "")
+    by_threads, thread_ids = merged_by(str(tmp_path / "t"), threads=2)
+    assert len(by_spark) == len(by_threads) == 3
+    drop = ("modification_time", "path")
+    for a, b in zip(by_spark, by_threads, strict=True):
+        assert {k: v for k, v in a.items() if k not in drop} == {
+            k: v for k, v in b.items() if k not in drop
+        }
+    assert sorted(spark_ids) == sorted(thread_ids)
+
+    path = str(tmp_path / "f")
+    target = delta_io.write_target(path, SCHEMA, ["date"])
+    files = [f for task in range(3) for f in _task_files(target, task, rows[task])]
+    gone = next(f for f in files if json.loads(f["partition_values"])["date"] == DAYS[1])
+    Path(path, gone["path"]).unlink()  # a lost input: that date's merge fails
+    big = max(f["size"] for f in files) + 1
+    with pytest.raises(Exception, match="No such file|not found|FileNotFound"):
+        delta_io.merge_small_files(
+            target, files, small_bytes=big, target_bytes=100 * big, spark=spark
+        )
+    assert all(Path(path, f["path"]).exists() for f in files if f is not gone)
+    assert not list(Path(path).glob(f"date={DAYS[1]}/*merged*"))
