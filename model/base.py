@@ -248,8 +248,10 @@ class ModelOutput:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x [B] over real rows (mask [B]); 0 for an all-padding batch (keeps the graph)."""
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+    """Mean over real rows (mask [B]) of x [B] -> [], or of each column of x [B, T] -> [T];
+    0 for an all-padding batch (keeps the graph)."""
+    weights = mask if x.dim() == 1 else mask.unsqueeze(1)
+    return (x * weights).sum(0) / mask.sum().clamp_min(1.0)
 
 
 class MultiTaskModel(nn.Module):
@@ -353,20 +355,13 @@ class MultiTaskModel(nn.Module):
     def task_losses(self, batch: Batch, out: ModelOutput) -> torch.Tensor:
         """Per-sample, per-task losses [B, T] (``reduction="none"``), before masking."""
         y = self.labels(batch)
-        cols = []
-        for k, task in enumerate(self.tasks):
-            if task.task_type == TaskType.BINARY:
-                cols.append(
-                    F.binary_cross_entropy_with_logits(out.logits[:, k], y[:, k], reduction="none")
-                )
-            else:
-                cols.append(F.mse_loss(out.logits[:, k], y[:, k], reduction="none"))
-        return torch.stack(cols, dim=1)
+        # every column both ways, then each task's kind: two kernels, not two per task
+        bce = F.binary_cross_entropy_with_logits(out.logits, y, reduction="none")
+        return torch.where(self.is_binary, bce, F.mse_loss(out.logits, y, reduction="none"))
 
     def loss(self, batch: Batch, out: ModelOutput) -> torch.Tensor:
         """The per-task training losses [T] (masked means); the total is their weighted sum."""
-        per = self.task_losses(batch, out)
-        return torch.stack([masked_mean(per[:, k], batch.mask) for k in range(len(self.tasks))])
+        return masked_mean(self.task_losses(batch, out), batch.mask)
 
     def task_weights(self) -> torch.Tensor:
         return torch.tensor([t.weight for t in self.tasks])

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["CGCLayer", "ExpertGroup", "MLP", "MMoELayer", "Tower"]
+__all__ = ["CGCLayer", "ExpertGroup", "MLP", "MMoELayer", "TaskTowers", "Tower", "batched_kernels"]
 
 
 class MLP(nn.Sequential):
@@ -52,6 +53,20 @@ class Tower(nn.Module):
         return self.out(self.mlp(x)).squeeze(-1)
 
 
+def _stacked_linears(n: int, widths: Sequence[int]) -> tuple[nn.ParameterList, nn.ParameterList]:
+    """Weights [n, fan_in, fan_out] and biases [n, 1, fan_out] of ``n`` parallel MLPs with the
+    layer widths ``widths``, each initialised as a separate ``nn.Linear`` would be."""
+    weights, biases = nn.ParameterList(), nn.ParameterList()
+    for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+        w = torch.empty(n, fan_in, fan_out)
+        for e in range(n):  # same init as nn.Linear, per member
+            w[e] = nn.Linear(fan_in, fan_out).weight.detach().t()
+        bound = 1.0 / fan_in**0.5
+        weights.append(nn.Parameter(w))
+        biases.append(nn.Parameter(torch.empty(n, 1, fan_out).uniform_(-bound, bound)))
+    return weights, biases
+
+
 class ExpertGroup(nn.Module):
     """E experts of the same shape, evaluated as one batched matmul per layer.
 
@@ -66,25 +81,79 @@ class ExpertGroup(nn.Module):
             raise ValueError("an expert group needs at least one expert and one hidden layer")
         self.n_experts = n_experts
         self.out_dim = int(hidden[-1])
-        widths = [in_dim, *hidden]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
-            w = torch.empty(n_experts, fan_in, fan_out)
-            for e in range(n_experts):  # same init as nn.Linear, per expert
-                lin = nn.Linear(fan_in, fan_out)
-                w[e] = lin.weight.detach().t()
-            bound = 1.0 / fan_in**0.5
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(
-                nn.Parameter(torch.empty(n_experts, 1, fan_out).uniform_(-bound, bound))
-            )
+        self.weights, self.biases = _stacked_linears(n_experts, [in_dim, *hidden])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.unsqueeze(0).expand(self.n_experts, -1, -1)  # [E, B, I]
         for w, b in zip(self.weights, self.biases, strict=True):
             h = torch.relu(torch.baddbmm(b, h, w))
         return h.transpose(0, 1)  # [B, E, H]
+
+
+def batched_kernels(x: torch.Tensor, batched: bool | None = None) -> bool:
+    """Whether T parallel members (towers, tasks) run as one batched kernel per op or member
+    by member. ``None``: batched on an accelerator, where a step's kernel launches, not its
+    FLOPs, bound these small layers; member by member on CPU, where each member's working set
+    stays in cache and the per-member matmuls are faster (STAN at the paper's widths: the
+    batched step is ~10 % slower on CPU)."""
+    return x.device.type != "cpu" if batched is None else batched
+
+
+class TaskTowers(nn.Module):
+    """T towers of the same shape, one logit each, with their weights stacked.
+
+    Tower k is the MLP ``I -> hidden[0] -> ... -> hidden[-1] -> 1`` with ReLU (and dropout)
+    after every hidden layer, as T separate :class:`Tower` modules; on an accelerator the T
+    towers run as one batched matmul per layer (`batched_kernels`; ``batched`` forces a way).
+
+    Call: x [B, I] (the same input for every tower), [T, B, I] or a sequence of T [B, I]
+    (tower k reads x[k]) -> logits [B, T].
+    """
+
+    def __init__(
+        self, in_dim: int, n_towers: int, hidden: Sequence[int], dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if n_towers < 1:
+            raise ValueError("task towers need at least one tower")
+        self.n_towers = n_towers
+        self.in_dim = in_dim
+        self.dropout = dropout
+        self.batched: bool | None = None
+        self.weights, self.biases = _stacked_linears(n_towers, [in_dim, *hidden, 1])
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(h)
+        return F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        T, last = self.n_towers, len(self.weights) - 1
+        if isinstance(x, torch.Tensor) and x.dim() == 2:
+            inputs: Sequence[torch.Tensor] = [x] * T
+        else:
+            inputs = x.unbind(0) if isinstance(x, torch.Tensor) else x
+        if len(inputs) != T:
+            raise ValueError(f"{T} task towers got {len(inputs)} inputs")
+        if batched_kernels(inputs[0], self.batched):
+            h = (
+                x.unsqueeze(0).expand(T, -1, -1)
+                if isinstance(x, torch.Tensor) and x.dim() == 2
+                else torch.stack(list(inputs))
+            )  # [T, B, I]
+            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                h = torch.baddbmm(b, h, w)
+                h = self._activation(h) if i < last else h
+            return h.squeeze(-1).t()  # [T, B, 1] -> [B, T]
+        layers = [
+            (w.unbind(0), b.unbind(0)) for w, b in zip(self.weights, self.biases, strict=True)
+        ]
+        logits = []
+        for k, h in enumerate(inputs):
+            for i, (w, b) in enumerate(layers):
+                h = torch.addmm(b[k], h, w[k])
+                h = self._activation(h) if i < last else h
+            logits.append(h)
+        return torch.cat(logits, dim=1)  # T of [B, 1] -> [B, T]
 
 
 def _mix(gate_logits: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

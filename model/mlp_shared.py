@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from model.base import FeatureLayout, MultiTaskModel, TaskConfig
-from model.blocks import MLP, Tower
+from model.blocks import MLP, TaskTowers
 from model.config import ModelConfig
 from model.data import Batch
 
@@ -20,10 +19,7 @@ class MLPShared(MultiTaskModel):
     def __init__(self, layout: FeatureLayout, tasks: list[TaskConfig], cfg: ModelConfig) -> None:
         super().__init__(layout, tasks, cfg)
         self.bottom = MLP(self.input_dim, cfg.bottom_hidden, cfg.dropout)
-        self.towers = nn.ModuleList(
-            Tower(self.bottom.out_dim, cfg.tower_hidden, cfg.dropout) for _ in tasks
-        )
+        self.towers = TaskTowers(self.bottom.out_dim, len(tasks), cfg.tower_hidden, cfg.dropout)
 
     def heads(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        h = self.bottom(x)
-        return torch.stack([tower(h) for tower in self.towers], dim=1)
+        return self.towers(self.bottom(x))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from model.base import FeatureLayout, MultiTaskModel, TaskConfig
-from model.blocks import Tower
+from model.blocks import TaskTowers
 from model.config import ModelConfig
 from model.data import Batch
 
@@ -19,10 +18,9 @@ class MLPSingle(MultiTaskModel):
 
     def __init__(self, layout: FeatureLayout, tasks: list[TaskConfig], cfg: ModelConfig) -> None:
         super().__init__(layout, tasks, cfg)
-        self.towers = nn.ModuleList(
-            Tower(self.input_dim, [*cfg.bottom_hidden, *cfg.tower_hidden], cfg.dropout)
-            for _ in tasks
+        self.towers = TaskTowers(
+            self.input_dim, len(tasks), [*cfg.bottom_hidden, *cfg.tower_hidden], cfg.dropout
         )
 
     def heads(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return torch.stack([tower(x) for tower in self.towers], dim=1)
+        return self.towers(x)

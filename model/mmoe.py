@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from model.base import FeatureLayout, MultiTaskModel, TaskConfig
-from model.blocks import MMoELayer, Tower
+from model.blocks import MMoELayer, TaskTowers
 from model.config import ModelConfig
 from model.data import Batch
 
@@ -20,10 +19,7 @@ class MMoE(MultiTaskModel):
     def __init__(self, layout: FeatureLayout, tasks: list[TaskConfig], cfg: ModelConfig) -> None:
         super().__init__(layout, tasks, cfg)
         self.mmoe = MMoELayer(self.input_dim, len(tasks), cfg.mmoe_experts, cfg.expert_hidden)
-        self.towers = nn.ModuleList(
-            Tower(self.mmoe.out_dim, cfg.tower_hidden, cfg.dropout) for _ in tasks
-        )
+        self.towers = TaskTowers(self.mmoe.out_dim, len(tasks), cfg.tower_hidden, cfg.dropout)
 
     def heads(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        reps = self.mmoe(x)
-        return torch.stack([tower(h) for tower, h in zip(self.towers, reps, strict=True)], dim=1)
+        return self.towers(self.mmoe(x))

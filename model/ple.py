@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from model.base import FeatureLayout, MultiTaskModel, TaskConfig
-from model.blocks import CGCLayer, Tower
+from model.blocks import CGCLayer, TaskTowers
 from model.config import ModelConfig
 from model.data import Batch
 
@@ -58,10 +58,7 @@ class PLE(MultiTaskModel):
     ) -> None:
         super().__init__(layout, tasks, cfg)
         self.backbone = PLEBackbone(self.input_dim + extra_inputs, len(tasks), cfg)
-        self.towers = nn.ModuleList(
-            Tower(self.backbone.out_dim, cfg.tower_hidden, cfg.dropout) for _ in tasks
-        )
+        self.towers = TaskTowers(self.backbone.out_dim, len(tasks), cfg.tower_hidden, cfg.dropout)
 
     def heads(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        reps = self.backbone(x)
-        return torch.stack([tower(h) for tower, h in zip(self.towers, reps, strict=True)], dim=1)
+        return self.towers(self.backbone(x))

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from model.base import FeatureLayout, Lookups, ModelOutput, TaskConfig, masked_mean
 from model.beta_state import BetaStageState
-from model.blocks import MLP, Tower
+from model.blocks import MLP, TaskTowers, batched_kernels
 from model.config import ModelConfig
 from model.data import Batch
 from model.ple import PLE
@@ -33,6 +33,11 @@ class UserPreference(nn.Module):
     U' = f(U) (self-attention across the d1 user features, or a DNN);
     s^k = U' ⊙ softmax_features(W^k U'); ỹ^k = sigmoid(MLP^k(flatten(s^k))).
 
+    The T tasks' attentions W^k are the rows of one linear layer D -> T·D and their towers one
+    :class:`TaskTowers`: on an accelerator one batched kernel per op whatever T (the step's
+    launches, not its FLOPs, bound these small layers there), on CPU task by task
+    (`model.blocks.batched_kernels`).
+
     Call: U [B, d1, D] -> preference logits [B, T] (ỹ = sigmoid).
     """
 
@@ -40,32 +45,50 @@ class UserPreference(nn.Module):
         super().__init__()
         scfg = cfg.stan
         self.kind = scfg.f
+        self.n_tasks = n_tasks
         if self.kind == "self_attention":
             if dim % scfg.heads:
                 raise ValueError(
                     f"model.stan.heads: {scfg.heads} does not divide embedding_dim {dim}"
                 )
+            self.heads = scfg.heads
             self.attention = nn.MultiheadAttention(dim, scfg.heads, batch_first=True)
         else:
             self.dnn = MLP(n_features * dim, [n_features * dim])
-        self.task_attention = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(n_tasks))
-        self.towers = nn.ModuleList(
-            Tower(n_features * dim, scfg.preference_hidden) for _ in range(n_tasks)
-        )
+        # rows k·D .. (k+1)·D - 1 are W^k; the init of T separate D -> D layers (fan-in D)
+        self.task_attention = nn.Linear(dim, n_tasks * dim, bias=False)
+        self.towers = TaskTowers(n_features * dim, n_tasks, scfg.preference_hidden)
+        self.batched: bool | None = None  # `model.blocks.batched_kernels`; set both to force
 
     def represent(self, user: torch.Tensor) -> torch.Tensor:
         """U' = f(U): [B, d1, D] -> [B, d1, D]."""
         if self.kind == "self_attention":
-            return self.attention(user, user, user, need_weights=False)[0]
+            return self._self_attention(user)
         return self.dnn(user.flatten(1)).view_as(user)
 
+    def _self_attention(self, user: torch.Tensor) -> torch.Tensor:
+        """``self.attention(U, U, U)`` (no dropout, no mask) straight through
+        ``scaled_dot_product_attention``: the module's own call checks its arguments in Python
+        at every step, which costs more host time than the attention itself."""
+        a = self.attention
+        B, L, D = user.shape
+        qkv = F.linear(user, a.in_proj_weight, a.in_proj_bias)  # [B, L, 3D]
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, D / heads]
+        return a.out_proj(o.transpose(1, 2).reshape(B, L, D))
+
     def forward(self, user: torch.Tensor) -> torch.Tensor:
-        u = self.represent(user)
-        logits = []
-        for attend, tower in zip(self.task_attention, self.towers, strict=True):
-            s = u * torch.softmax(attend(u), dim=1)
-            logits.append(tower(s.flatten(1)))
-        return torch.stack(logits, dim=1)
+        u = self.represent(user)  # [B, d1, D]
+        B, L, D = u.shape
+        T = self.n_tasks
+        w = self.task_attention.weight.view(T, D, D)  # W^k [D_out, D_in]
+        if batched_kernels(u, self.batched):
+            # task-major [T, B, d1, D]: the softmax and the towers read contiguous rows
+            scores = torch.bmm(u.reshape(1, B * L, D).expand(T, -1, -1), w.transpose(1, 2))
+            s = u * torch.softmax(scores.view(T, B, L, D), dim=2)  # softmax over d1
+            return self.towers(s.view(T, B, L * D))
+        s = [(u * torch.softmax(F.linear(u, w_k), dim=1)).flatten(1) for w_k in w.unbind(0)]
+        return self.towers(s)
 
 
 class LatentStage(nn.Module):
@@ -158,11 +181,8 @@ class STAN(PLE):
             torch.ones_like(batch.mask),
             torch.full_like(batch.mask, self.no_history_weight),
         )
-        losses = []
-        for k in range(len(self.tasks)):
-            bce = F.binary_cross_entropy_with_logits(out.logits[:, k], y[:, k], reduction="none")
-            mse = (pl[:, k] - preference[:, k]) ** 2
-            losses.append(
-                masked_mean(gamma[:, k] * bce, batch.mask) + masked_mean(history * mse, batch.mask)
-            )
-        return torch.stack(losses)
+        bce = F.binary_cross_entropy_with_logits(out.logits, y, reduction="none")  # [B, T]
+        mse = (pl - preference) ** 2
+        return masked_mean(gamma * bce, batch.mask) + masked_mean(
+            history[:, None] * mse, batch.mask
+        )

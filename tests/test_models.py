@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from model.base import MultiTaskTrain
-from model.blocks import CGCLayer, MMoELayer
+from model.blocks import CGCLayer, ExpertGroup, MMoELayer, TaskTowers
 from model.config import MODEL_NAMES, ModelConfig, load_train_config
 from model.registry import build_model
 from model.stages import StageThresholds
@@ -67,9 +67,9 @@ def test_forward_backward_shapes(name: str) -> None:
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_bf16_autocast_runs_the_matmuls_in_bf16_and_the_loss_in_fp32(name: str) -> None:
-    """``train.precision=bf16``: every Linear of the dense arch computes in bfloat16, the
-    logits, losses, gradients and parameters are fp32, and the loss is the fp32 loss to
-    bfloat16's precision (8 bits of mantissa)."""
+    """``train.precision=bf16``: every linear layer of the dense arch (the batched experts and
+    towers too) computes in bfloat16, the logits, losses, gradients and parameters are fp32,
+    and the loss is the fp32 loss to bfloat16's precision (8 bits of mantissa)."""
     batch = random_batch(tiny_layout(), 16, n_pad=3, seed=2)
     fp32 = _model(name)
     fp32.train()
@@ -80,7 +80,7 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_the_loss_in_fp32(name: str) 
     hooks = [
         m.register_forward_hook(lambda _m, _i, out: linear_dtypes.append(out.dtype))
         for m in model.modules()
-        if isinstance(m, torch.nn.Linear)
+        if isinstance(m, torch.nn.Linear | TaskTowers | ExpertGroup)
     ]
     loss, (per_task, logits, _) = MultiTaskTrain(model, torch.bfloat16, "cpu")(batch)
     for h in hooks:
@@ -102,9 +102,14 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_the_loss_in_fp32(name: str) 
 def test_each_tower_outputs_one_logit_per_sample(name: str) -> None:
     model = _model(name)
     _, x = model.embed(random_batch(tiny_layout(), 7))
-    for tower in model.towers:
-        width = tower.mlp[0].in_features
-        assert tower(torch.randn(7, width)).shape == (7,)
+    if isinstance(model.towers, TaskTowers):
+        width = model.towers.in_dim
+        assert model.towers(torch.randn(7, width)).shape == (7, 3)
+        assert model.towers(torch.randn(3, 7, width)).shape == (7, 3)
+    else:
+        for tower in model.towers:
+            width = tower.mlp[0].in_features
+            assert tower(torch.randn(7, width)).shape == (7,)
     assert model.heads(x, random_batch(tiny_layout(), 7)).shape == (7, 3)
 
 
@@ -210,6 +215,77 @@ def test_stan_preference_functions(f: str) -> None:
     user = torch.randn(4, 3, 8)
     assert model.preference.represent(user).shape == (4, 3, 8)
     assert model.preference(user).shape == (4, 3)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_stan_preference_matches_its_equations_computed_task_by_task(batched: bool) -> None:
+    """The preference module (batched kernels, as on a GPU, or task by task, as on CPU)
+    against Eq. 7-9 written out per task with its own weights: U' from torch's
+    MultiheadAttention, s^k = U' ⊙ softmax_features(W^k U'), ỹ^k = MLP^k(flatten(s^k))."""
+    torch.manual_seed(0)
+    model = _model("stan", stan={"f": "self_attention", "preference_hidden": [6], "heads": 2})
+    pref = model.preference
+    pref.batched = pref.towers.batched = batched
+    user = torch.randn(5, 3, 8)
+    u = pref.attention(user, user, user, need_weights=False)[0]
+    torch.testing.assert_close(pref.represent(user), u)
+    want = []
+    for k in range(3):
+        w_k = pref.task_attention.weight[k * 8 : (k + 1) * 8]  # W^k [D, D]
+        s = (u * torch.softmax(u @ w_k.t(), dim=1)).flatten(1)
+        w1, b1 = pref.towers.weights[0][k], pref.towers.biases[0][k]
+        w2, b2 = pref.towers.weights[1][k], pref.towers.biases[1][k]
+        want.append((torch.relu(s @ w1 + b1) @ w2 + b2).squeeze(-1))
+    torch.testing.assert_close(pref(user), torch.stack(want, dim=1))
+
+
+def test_batched_and_task_by_task_kernels_give_the_same_step() -> None:
+    """STAN's forward, losses and every gradient are the same whether the towers and the
+    preference module run batched (accelerators) or task by task (CPU)."""
+    grads = []
+    for batched in (True, False):
+        torch.manual_seed(0)
+        model = _model("stan", stan={"preference_hidden": [6], "heads": 2})
+        for m in model.modules():
+            if hasattr(m, "batched"):
+                m.batched = batched
+        model.train()
+        batch = random_batch(tiny_layout(), 12, n_pad=2, seed=4)
+        loss, (per_task, logits, _) = MultiTaskTrain(model)(batch)
+        loss.backward()
+        grads.append((per_task, logits, {n: p.grad for n, p in model.named_parameters()}))
+    (per_a, logits_a, g_a), (per_b, logits_b, g_b) = grads
+    torch.testing.assert_close(per_a, per_b)
+    torch.testing.assert_close(logits_a, logits_b)
+    assert g_a.keys() == g_b.keys()
+    for name in g_a:
+        if g_a[name] is None:
+            assert g_b[name] is None, name
+        else:
+            torch.testing.assert_close(g_a[name], g_b[name], msg=name)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_task_towers_are_independent_towers(batched: bool) -> None:
+    """Tower k of TaskTowers reads x (or x[k]) and only its own weights: its logit equals the
+    MLP computed by hand, and a loss on one task's logit gives no other tower a gradient."""
+    torch.manual_seed(1)
+    towers = TaskTowers(4, 3, [5], dropout=0.0)
+    towers.batched = batched
+    x = torch.randn(3, 6, 4)
+    got = towers(x)
+    for k in range(3):
+        h = torch.relu(x[k] @ towers.weights[0][k] + towers.biases[0][k])
+        want = (h @ towers.weights[1][k] + towers.biases[1][k]).squeeze(-1)
+        torch.testing.assert_close(got[:, k], want)
+    torch.testing.assert_close(towers(list(x.unbind(0))), got)
+    torch.testing.assert_close(towers(x[0]), towers(x[0].expand(3, -1, -1)))
+    with pytest.raises(ValueError, match="3 task towers got 2 inputs"):
+        towers(x[:2])
+    got[:, 1].sum().backward()
+    for w in towers.weights:
+        assert float(w.grad[1].abs().sum()) > 0
+        assert float(w.grad[0].abs().sum()) == 0 and float(w.grad[2].abs().sum()) == 0
 
 
 def test_ple_stage_appends_the_stage_of_the_pseudo_labels() -> None:

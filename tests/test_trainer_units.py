@@ -58,8 +58,6 @@ def test_split_metrics_binarise_dwell_and_skip_undefined_tasks() -> None:
 def test_dense_flops_per_sample_match_a_count_of_the_layers() -> None:
     """MLP_single's towers: 2 * fan_in * fan_out per linear layer and sample forward; the
     backward twice that (input and weight gradients)."""
-    from torch import nn
-
     from model.config import ModelConfig
     from model.flops import dense_flops_per_sample, peak_tflops
     from model.registry import build_model
@@ -67,10 +65,10 @@ def test_dense_flops_per_sample_match_a_count_of_the_layers() -> None:
 
     cfg = ModelConfig(name="mlp_single", embedding_dim=8, bottom_hidden=[32, 16], tower_hidden=[8])
     model = build_model(cfg, tiny_layout(), tiny_tasks(), spec_tasks=["click", "dwell", "like"])
-    expected = sum(
-        2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)
-    )
-    assert expected == 3 * 2 * ((6 * 8 + 3) * 32 + 32 * 16 + 16 * 8 + 8 * 1)
+    # 3 towers of (6 keys x 8 dims + 3 dense) -> 32 -> 16 -> 8 -> 1
+    expected = 3 * 2 * ((6 * 8 + 3) * 32 + 32 * 16 + 16 * 8 + 8 * 1)
+    widths = [(w.shape[0], w.shape[1], w.shape[2]) for w in model.towers.weights]
+    assert widths == [(3, 51, 32), (3, 32, 16), (3, 16, 8), (3, 8, 1)]
     flops = dense_flops_per_sample(model, random_batch(tiny_layout(), 64))
     assert flops["forward"] == expected
     assert flops["train"] == 3 * expected
