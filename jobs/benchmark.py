@@ -361,6 +361,7 @@ def bench_train(
     parity_tolerance: float = PARITY_AUC_TOLERANCE,
     num_workers: int = 0,
     prefetch_batches: int = 0,
+    profile_steps: int = 0,
 ) -> list[dict]:
     """Trainer samples/s per model, config, batch size and precision (a fresh ``jobs.train``
     process each, warm-up steps excluded), and the loader's own samples/s at the same batch
@@ -370,7 +371,9 @@ def bench_train(
     (and, on a GPU, the kernels' non-deterministic sums). The evaluation comes after the timed
     steps: the samples/s are the training steps' either way. ``num_workers``: the loader's
     worker processes, for the loader alone and for every run (``train.num_workers``);
-    ``prefetch_batches``: ``train.prefetch_batches`` of every run."""
+    ``prefetch_batches``: ``train.prefetch_batches`` of every run; ``profile_steps``: each run
+    also profiles that many steps after its warm-up (``train.profile_steps``, not timed) and
+    reports the operators and device kernels per step (`model.profiling`)."""
     rows: list[dict] = []
     if loader_seconds > 0:
         from model.data import benchmark_loader
@@ -411,6 +414,7 @@ def bench_train(
                         f"train.precision={precision}",
                         f"train.num_workers={num_workers}",
                         f"train.prefetch_batches={prefetch_batches}",
+                        f"train.profile_steps={profile_steps}",
                         *TRAIN_CONFIGS[config],
                     ]
                     if nproc > 1:
@@ -430,6 +434,9 @@ def bench_train(
                     }
                     if "train/gpu_peak_mem_gb" in metrics:
                         row["gpu_peak_mem_gb"] = round(metrics["train/gpu_peak_mem_gb"], 2)
+                    for key in ("aten_ops_per_step", "device_kernels_per_step", "host_ms_per_step"):
+                        if f"train/profile/{key}" in metrics:
+                            row[key] = round(metrics[f"train/profile/{key}"], 1)
                     row |= utilisation(sets, b, row["samples_per_s"], metrics, precision)
                     if parity:
                         evaluated[precision] = out
@@ -528,6 +535,7 @@ def utilisation(
 def train_markdown(rows: list[dict]) -> str:
     cols = ["bench", "precision", "batch", "samples_per_s", "steps", "seconds", "peak_rss_mb",
             "gpu_peak_mem_gb", "dense_gflop_per_sample", "achieved_tflops", "mfu",
+            "aten_ops_per_step", "device_kernels_per_step", "host_ms_per_step",
             "max_abs_auc_diff", "parity_ok"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -599,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument(
         "--prefetch-batches", type=int, default=0, help="train.prefetch_batches of every run"
     )
+    tp.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many steps of every run (operators and device kernels per step)",
+    )
     tp.add_argument("--work", default="/tmp/lifecycle-bench")
     args = p.parse_args(argv)
     if args.what == "duckdb-build":
@@ -631,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             parity_tolerance=args.parity_tolerance,
             num_workers=args.num_workers,
             prefetch_batches=args.prefetch_batches,
+            profile_steps=args.profile_steps,
         )
         (work / "train.json").write_text(
             json.dumps({"machine": machine, "results": rows}, indent=2)

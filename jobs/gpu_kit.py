@@ -178,8 +178,10 @@ def benchmarks(lake: Path, work: Path, quick: bool) -> list[tuple[str, list[str]
                       "--batch-sizes", "256", "--steps", "8", "--loader-seconds", "1",
                       "--device", "cpu", "--parity", "--precisions", "fp32,bf16"]),
         ]  # fmt: skip
+    # every run also profiles 5 steps (not timed): operators and CUDA kernels per step, which
+    # bound a small dense arch's step on a fast GPU more than its FLOPs
     bench = [py, "-m", "jobs.benchmark", "train", "--lake", str(lake), "--device", "cuda",
-             "--configs", "paper", "--steps", "200"]  # fmt: skip
+             "--configs", "paper", "--steps", "200", "--profile-steps", "5"]  # fmt: skip
     return [
         # the target: 8192 in each precision, each checked against fp32
         ("stan_8192", [*bench, "--work", str(work / "stan_8192"), "--models", "stan",

@@ -177,6 +177,10 @@ class TrainLoopConfig(_Strict):
     stage_subset: Literal["new", "wander", "stick", "loyal"] | None = None
     # also report every eval metric per rule-based stage: <split>/stage_<s>/<task>/<metric>
     metrics_by_stage: bool = False
+    # profile this many steps right after the warm-up (model.profiling): operators and device
+    # kernels per step as train/profile/* metrics, a trace and an operator table under
+    # <output_dir>/profile; the profiled steps are left out of train/samples_per_s
+    profile_steps: int = Field(0, ge=0)
 
 
 class MlflowConfig(_Strict):

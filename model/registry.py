@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
+
+import torch
 
 from model.aitm import AITM
 from model.base import FeatureLayout, MultiTaskModel, TaskConfig
@@ -18,7 +23,7 @@ from model.stan import STAN
 from pipelines.preprocessing import Artifacts
 from pipelines.spec import FeatureSpec
 
-__all__ = ["build_model", "model_from_saved"]
+__all__ = ["build_model", "model_from_saved", "upgrade_state_dict"]
 
 
 def build_model(
@@ -74,5 +79,47 @@ def model_from_saved(
         stage_thresholds=StageThresholds(**thresholds) if thresholds else None,
         seed=cfg.train.seed,
     )
-    model.load_state_dict(saved["state_dict"])
+    model.load_state_dict(upgrade_state_dict(saved["state_dict"], model.state_dict().keys()))
     return model.eval()
+
+
+def upgrade_state_dict(
+    state: dict[str, torch.Tensor], expected: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """A state dict saved before the task towers and STAN's task attentions were stacked (one
+    ``Tower`` per task: ``towers.<k>.mlp.<j>`` and ``towers.<k>.out``; one linear layer per
+    task: ``preference.task_attention.<k>``) in the stacked layout of the model that
+    ``expected`` (its state dict's keys) belongs to: the same weights, so a champion
+    registered before still loads. Anything else is returned as it is."""
+    expected = set(expected)
+    state = dict(state)
+    for prefix in ("", "preference."):
+        if (
+            f"{prefix}towers.weights.0" not in expected
+            or f"{prefix}towers.0.out.weight" not in state
+        ):
+            continue
+        pattern = re.compile(
+            rf"{re.escape(prefix)}towers\.(\d+)\.(?:mlp\.(\d+)|out)\.(weight|bias)"
+        )
+        per_tower: dict[int, dict[tuple[int, str], torch.Tensor]] = defaultdict(dict)
+        for key in [k for k in state if pattern.fullmatch(k)]:
+            m = pattern.fullmatch(key)
+            assert m is not None
+            position = int(m[2]) if m[2] is not None else 1 << 30  # the output layer last
+            per_tower[int(m[1])][(position, m[3])] = state.pop(key)
+        towers = [per_tower[k] for k in sorted(per_tower)]
+        for layer, position in enumerate(sorted({pos for pos, _ in towers[0]})):
+            state[f"{prefix}towers.weights.{layer}"] = torch.stack(
+                [t[(position, "weight")].t() for t in towers]
+            )
+            state[f"{prefix}towers.biases.{layer}"] = torch.stack(
+                [t[(position, "bias")] for t in towers]
+            ).unsqueeze(1)
+    key = "preference.task_attention.weight"
+    per_task = re.compile(r"preference\.task_attention\.(\d+)\.weight")
+    if key in expected and key not in state:
+        parts = sorted((int(m[1]), k) for k in state if (m := per_task.fullmatch(k)))
+        if parts:
+            state[key] = torch.cat([state.pop(k) for _, k in parts])
+    return state

@@ -51,7 +51,8 @@ from model.base import (
 from model.config import TrainConfig, check_against_spec
 from model.data import Batch, ExamplesLoader, make_loader, prefetch, pseudo_label_columns
 from model.metrics import regression_metrics, rela_impr_auc, rela_impr_ndcg, task_metrics
-from model.registry import build_model, model_from_saved
+from model.profiling import StepProfiler
+from model.registry import build_model, model_from_saved, upgrade_state_dict
 from model.stages import (
     STAGES,
     StageThresholds,
@@ -854,7 +855,8 @@ def _train(
     fingerprint = run_fingerprint(cfg, version, bundle.spec_overrides)
     resume_from = _resumable(ckpt_root, fingerprint, rank) if tc.resume else None
     if resume_from is None and tc.init_from:
-        load_unsharded(dmp, torch.load(tc.init_from, weights_only=False)["state_dict"])
+        warm = torch.load(tc.init_from, weights_only=False)["state_dict"]
+        load_unsharded(dmp, upgrade_state_dict(warm, inner.state_dict().keys()))
         if rank == 0:
             log.info("warm start from %s", tc.init_from)
     if resume_from is None:
@@ -916,6 +918,13 @@ def _train(
     rows_here = train_loader.dataset.rows_per_rank[rank]
     batch_rows = tc.batch_size
     warmup = min(3, max(total_steps - step - 1, 0))  # steps left out of the throughput
+    profiler = (
+        StepProfiler(out_dir / "profile", tc.profile_steps, device, rank)
+        if tc.profile_steps
+        else None
+    )
+    profile_figures: dict[str, float] = {}
+    timed_from = warmup + tc.profile_steps  # the profiled steps are not timed either
     samples_timed = 0
     t_start = time.perf_counter()
     window_loss = torch.zeros(len(bundle.tasks) + 1, device=device)
@@ -945,6 +954,8 @@ def _train(
             beta_state.reset()  # each epoch replays the chronology from the start
         batches = _device_batches(prefetch(train_loader, tc.prefetch_batches), device, pipelined)
         while step < total_steps:
+            if profiler is not None and steps_run == warmup and not profile_figures:
+                profiler.start()
             try:
                 loss, per_task = step_fn(batches)
             except StopIteration:
@@ -952,9 +963,11 @@ def _train(
             step += 1
             in_epoch += 1
             steps_run += 1
-            if steps_run == warmup:
+            if profiler is not None and profiler.active and steps_run == timed_from:
+                profile_figures = profiler.stop(tc.profile_steps)
+            if steps_run == timed_from:
                 t_start = time.perf_counter()
-            elif steps_run > warmup:
+            elif steps_run > timed_from:
                 # real rows of this step on this rank (padding rows excluded), no device sync
                 samples_timed += max(0, min(batch_rows, rows_here - (in_epoch - 1) * batch_rows))
             step_loss = torch.cat([loss.detach().reshape(1), per_task.detach()]).float()
@@ -998,6 +1011,8 @@ def _train(
                 f"the train loader of rank {rank} ended after {in_epoch} of {steps_per_epoch} "
                 "batches: the table changed under the run?"
             )
+    if profiler is not None and profiler.active:  # the run ended inside the profiled steps
+        profile_figures = profiler.stop(steps_run - warmup)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t_start
@@ -1014,6 +1029,7 @@ def _train(
     # ---- evaluation (sharded model) and the gathered unsharded weights
     dmp.eval()
     metrics: dict[str, float] = {"train/samples_per_s": samples_per_s}
+    metrics.update({f"train/profile/{k}": v for k, v in profile_figures.items()})
     if device.type == "cuda":
         metrics["train/gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
 
@@ -1071,6 +1087,8 @@ def _train(
         for name in ("config.yaml", "spec.yaml"):
             tracker.artifact(out_dir / name)
         tracker.artifact(Path(tables.artifacts), "preprocessing")
+        if profile_figures:
+            tracker.artifact(out_dir / "profile", "profile")
         model_uri = tracker.log_model(
             out_dir, Path(tables.artifacts), bundle, uses_sequences=inner.uses_sequences
         )

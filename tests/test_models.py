@@ -332,3 +332,49 @@ def test_stan_gamma_batch_mean_normalization() -> None:
         mse = (batch.pseudo_labels[real, k] - pref[real, k]) ** 2 * (batch.n_prev[real] > 0)
         expected.append((g * bce).mean() + mse.mean())
     torch.testing.assert_close(model.loss(batch, out), torch.stack(expected))
+
+
+@pytest.mark.parametrize("name", ["stan", "mlp_shared"])
+def test_a_model_saved_with_per_task_towers_loads_into_the_stacked_layout(name: str) -> None:
+    """A state dict of the layout before the stacking (one ``Tower`` per task, one task
+    attention ``nn.Linear`` per task, as saved by earlier runs and registered champions) is
+    upgraded by ``upgrade_state_dict``: the model computes what those modules compute."""
+    from torch import nn
+
+    from model.blocks import Tower
+    from model.registry import upgrade_state_dict
+
+    torch.manual_seed(2)
+    model = _model(name, dropout=0.1 if name == "mlp_shared" else 0.0)
+    old = {k: v for k, v in model.state_dict().items() if "towers." not in k}
+    width, hidden = model.towers.in_dim, model.cfg.tower_hidden
+    old_towers = [Tower(width, hidden, model.cfg.dropout).eval() for _ in range(3)]
+    for k, tower in enumerate(old_towers):
+        old |= {f"towers.{k}.{n}": v for n, v in tower.state_dict().items()}
+    if name == "stan":
+        pref = model.preference
+        old = {k: v for k, v in old.items() if not k.startswith("preference.task_attention")}
+        attentions = [nn.Linear(8, 8, bias=False) for _ in range(3)]
+        pref_towers = [
+            Tower(pref.towers.in_dim, model.cfg.stan.preference_hidden) for _ in range(3)
+        ]
+        for k, (a, t) in enumerate(zip(attentions, pref_towers, strict=True)):
+            old[f"preference.task_attention.{k}.weight"] = a.weight.detach()
+            old |= {f"preference.towers.{k}.{n}": v for n, v in t.state_dict().items()}
+    assert any(".mlp." in k for k in old)
+    model.load_state_dict(upgrade_state_dict(old, model.state_dict().keys()))
+    model.eval()
+    x = torch.randn(5, width)
+    want = torch.stack([t(x) for t in old_towers], dim=1)
+    torch.testing.assert_close(model.towers(x), want)
+    if name == "stan":
+        user = torch.randn(5, 3, 8)
+        u = pref.represent(user)
+        old_pref = [
+            t((u * torch.softmax(a(u), dim=1)).flatten(1))
+            for a, t in zip(attentions, pref_towers, strict=True)
+        ]
+        torch.testing.assert_close(pref(user), torch.stack(old_pref, dim=1))
+    # a state dict already in the stacked layout is left as it is
+    now = model.state_dict()
+    assert upgrade_state_dict(now, now.keys()).keys() == now.keys()

@@ -170,13 +170,15 @@ def test_rank_zero_logged_to_mlflow(uninterrupted: Path) -> None:
 
 
 def test_plain_python_single_process(kuairand_train_lake, uninterrupted: Path, tmp_path) -> None:
-    """Plain ``python -m jobs.train`` (no torchrun), PLE_stage, RelaImpr against the STAN run."""
+    """Plain ``python -m jobs.train`` (no torchrun), PLE_stage, RelaImpr against the STAN run,
+    a profile of 3 steps (operators per step, the trace and the operator table)."""
     out = tmp_path / "ple"
     args = _args(
         kuairand_train_lake,
         out,
         "model.name=ple_stage",
         "train.max_steps=30",
+        "train.profile_steps=3",
         f"train.relaimpr_base={uninterrupted}",
     )
     proc = subprocess.run(
@@ -192,6 +194,13 @@ def test_plain_python_single_process(kuairand_train_lake, uninterrupted: Path, t
     model, _ = load_trained(out)
     assert model.stage_thresholds.shape == (3,)
     mine = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert mine["train/profile/steps"] == 3 and mine["train/samples_per_s"] > 0
+    # a forward, a backward and an optimizer step of PLE_stage: hundreds of operators, no
+    # device kernels on CPU
+    assert 100 < mine["train/profile/aten_ops_per_step"] < 5000
+    assert mine["train/profile/device_kernels_per_step"] == 0
+    assert "aten::" in (out / "profile" / "rank0_ops.txt").read_text()
+    assert json.loads((out / "profile" / "rank0_trace.json").read_text())["traceEvents"]
     base = json.loads((uninterrupted / "metrics.json").read_text())["metrics"]
     for task in ("click", "like"):
         key = f"test/{task}"

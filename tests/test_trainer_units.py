@@ -169,3 +169,21 @@ def test_a_one_process_group_leaves_the_environment_as_it_found_it(monkeypatch) 
     release_distributed()
     assert not dist.is_initialized()
     assert [k for k in keys if k in os.environ] == []
+
+
+def test_step_counts_count_the_operators_the_host_dispatched() -> None:
+    """Two profiled "steps" of three top-level operators each (matmul calls mm inside: one
+    operator, counted with its caller): 3 per step, no device kernels on CPU."""
+    import torch
+    from torch.profiler import profile
+
+    from model.profiling import step_counts
+
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with profile() as prof:
+        for _ in range(2):
+            c = torch.matmul(a, b)
+            c = c + a
+            c.relu_()
+    counts = step_counts(prof.events(), steps=2)
+    assert counts == {"aten_ops_per_step": 3.0, "device_kernels_per_step": 0.0}
