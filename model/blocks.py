@@ -128,22 +128,22 @@ class TaskTowers(nn.Module):
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         T, last = self.n_towers, len(self.weights) - 1
-        if isinstance(x, torch.Tensor) and x.dim() == 2:
-            inputs: Sequence[torch.Tensor] = [x] * T
-        else:
-            inputs = x.unbind(0) if isinstance(x, torch.Tensor) else x
-        if len(inputs) != T:
-            raise ValueError(f"{T} task towers got {len(inputs)} inputs")
-        if batched_kernels(inputs[0], self.batched):
-            h = (
-                x.unsqueeze(0).expand(T, -1, -1)
-                if isinstance(x, torch.Tensor) and x.dim() == 2
-                else torch.stack(list(inputs))
-            )  # [T, B, I]
+        shared = isinstance(x, torch.Tensor) and x.dim() == 2
+        n_inputs = T if shared else (x.shape[0] if isinstance(x, torch.Tensor) else len(x))
+        if n_inputs != T:
+            raise ValueError(f"{T} task towers got {n_inputs} inputs")
+        first = x if shared else x[0]
+        assert isinstance(first, torch.Tensor)
+        if batched_kernels(first, self.batched):
+            if isinstance(x, torch.Tensor):
+                h = x.unsqueeze(0).expand(T, -1, -1) if shared else x  # [T, B, I]
+            else:
+                h = torch.stack(list(x))
             for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
                 h = torch.baddbmm(b, h, w)
                 h = self._activation(h) if i < last else h
             return h.squeeze(-1).t()  # [T, B, 1] -> [B, T]
+        inputs = [x] * T if shared else (x.unbind(0) if isinstance(x, torch.Tensor) else x)
         layers = [
             (w.unbind(0), b.unbind(0)) for w, b in zip(self.weights, self.biases, strict=True)
         ]
