@@ -59,8 +59,13 @@ class BetaStageState:
     def _slots(self, users: torch.Tensor) -> torch.Tensor:
         """Indices of sorted unique ``users`` in the state, inserting new users (α = β = 1)."""
         pos = torch.searchsorted(self.keys, users)
-        found = pos < len(self)
-        found[found.clone()] = self.keys[pos[found]] == users[found]
+        n = len(self)
+        # no boolean-mask indexing (each one waits on the device for its size): clamp, compare
+        found = (
+            (pos < n) & (self.keys[pos.clamp(max=n - 1)] == users)
+            if n
+            else torch.zeros_like(users, dtype=torch.bool)
+        )
         if not bool(found.all()):
             new = users[~found]
             keys = torch.cat([self.keys, new])
