@@ -23,7 +23,12 @@ from model.stan import STAN
 from pipelines.preprocessing import Artifacts
 from pipelines.spec import FeatureSpec
 
-__all__ = ["build_model", "model_from_saved", "upgrade_state_dict"]
+__all__ = ["STATE_LAYOUT", "build_model", "model_from_saved", "upgrade_state_dict"]
+
+# The layout of the models' state dicts: 2 since the task towers are stacked (1 before, one
+# Tower per task). Part of a run's checkpoint fingerprint: a run resumed across a layout change
+# starts again instead of failing on the old optimizer state's shapes.
+STATE_LAYOUT = 2
 
 
 def build_model(

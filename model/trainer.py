@@ -39,6 +39,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
 
+from model import registry
 from model.base import (
     FeatureLayout,
     MultiTaskModel,
@@ -360,7 +361,8 @@ def _latest_checkpoint(root: Path) -> Path | None:
 def run_fingerprint(cfg: TrainConfig, table_version: int, spec_overrides: list[str]) -> str:
     """What a checkpoint must share with the run that resumes it: the model, optimizer, data
     order (batch size, seed, epochs), sharding, spec and the examples table version. The step
-    budget (``max_steps``), logging and checkpoint cadence may differ."""
+    budget (``max_steps``), logging and checkpoint cadence may differ; the code's state-dict
+    layout (`model.registry.STATE_LAYOUT`) may not."""
     import hashlib
 
     tc = cfg.train
@@ -371,6 +373,7 @@ def run_fingerprint(cfg: TrainConfig, table_version: int, spec_overrides: list[s
         "init_from": tc.init_from,
         "lake": str(Path(cfg.lake).resolve()),
         "table_version": table_version,
+        "state_layout": registry.STATE_LAYOUT,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -21,6 +21,16 @@ def test_fingerprint_ignores_the_step_budget_but_not_the_model_or_data() -> None
     assert run_fingerprint(load_train_config(None), 3, ["source.path=x"]) != base
 
 
+def test_a_new_state_dict_layout_does_not_resume_old_checkpoints(monkeypatch) -> None:
+    """Checkpoints written by code with another state-dict layout (per-task towers) have
+    another fingerprint: the run starts again rather than loading mismatched shapes."""
+    from model import registry
+
+    base = run_fingerprint(load_train_config(None), 3, [])
+    monkeypatch.setattr(registry, "STATE_LAYOUT", registry.STATE_LAYOUT - 1)
+    assert run_fingerprint(load_train_config(None), 3, []) != base
+
+
 def test_relaimpr_uses_the_paper_formulas() -> None:
     mine = {"test/click/auc": 0.74, "test/click/ndcg@5": 0.66, "test/click/logloss": 0.5}
     base = {"test/click/auc": 0.70, "test/click/ndcg@5": 0.60, "test/click/logloss": 0.6}
