@@ -25,9 +25,10 @@ from pipelines.spec import FeatureSpec
 
 __all__ = ["STATE_LAYOUT", "build_model", "model_from_saved", "upgrade_state_dict"]
 
-# The layout of the models' state dicts: 2 since the task towers are stacked (1 before, one
-# Tower per task). Part of a run's checkpoint fingerprint: a run resumed across a layout change
-# starts again instead of failing on the old optimizer state's shapes.
+# The layout of the models' state dicts: 2 since the task towers, STAN's task attentions and the
+# CGC experts and gates are stacked (1 before, one module per task). Part of a run's checkpoint
+# fingerprint: a run resumed across a layout change starts again instead of failing on the old
+# optimizer state's shapes.
 STATE_LAYOUT = 2
 
 
@@ -91,9 +92,11 @@ def model_from_saved(
 def upgrade_state_dict(
     state: dict[str, torch.Tensor], expected: Iterable[str]
 ) -> dict[str, torch.Tensor]:
-    """A state dict saved before the task towers and STAN's task attentions were stacked (one
-    ``Tower`` per task: ``towers.<k>.mlp.<j>`` and ``towers.<k>.out``; one linear layer per
-    task: ``preference.task_attention.<k>``) in the stacked layout of the model that
+    """A state dict saved before the task towers, STAN's task attentions and the CGC layers'
+    experts and gates were stacked (one ``Tower`` per task: ``towers.<k>.mlp.<j>`` and
+    ``towers.<k>.out``; one linear layer per task: ``preference.task_attention.<k>``; per CGC
+    layer ``task_experts.<k>``, ``shared_experts``, ``task_gates.<k>``, ``shared_gate``) in the
+    stacked layout of the model that
     ``expected`` (its state dict's keys) belongs to: the same weights, so a champion
     registered before still loads. Anything else is returned as it is."""
     expected = set(expected)
@@ -121,6 +124,36 @@ def upgrade_state_dict(
             state[f"{prefix}towers.biases.{layer}"] = torch.stack(
                 [t[(position, "bias")] for t in towers]
             ).unsqueeze(1)
+    # CGC layers: per-task expert groups and gates -> one expert group and one gate layer
+    for prefix in sorted(
+        {k[: -len("experts.weights.0")] for k in expected if k.endswith("experts.weights.0")}
+    ):
+        if f"{prefix}shared_experts.weights.0" not in state:
+            continue
+        tasks = sorted(
+            {
+                int(m[1])
+                for k in state
+                if (m := re.fullmatch(rf"{re.escape(prefix)}task_gates\.(\d+)\.weight", k))
+            }
+        )
+        for kind in ("weights", "biases"):
+            layers = sorted(
+                {
+                    int(m[1])
+                    for k in state
+                    if (m := re.fullmatch(rf"{re.escape(prefix)}shared_experts\.{kind}\.(\d+)", k))
+                }
+            )
+            for layer in layers:
+                groups = [f"{prefix}task_experts.{t}.{kind}.{layer}" for t in tasks]
+                groups.append(f"{prefix}shared_experts.{kind}.{layer}")
+                state[f"{prefix}experts.{kind}.{layer}"] = torch.cat([state.pop(g) for g in groups])
+        for kind in ("weight", "bias"):
+            gates = [f"{prefix}task_gates.{t}.{kind}" for t in tasks]
+            if f"{prefix}shared_gate.{kind}" in state:
+                gates.append(f"{prefix}shared_gate.{kind}")
+            state[f"{prefix}gates.{kind}"] = torch.cat([state.pop(g) for g in gates])
     key = "preference.task_attention.weight"
     per_task = re.compile(r"preference\.task_attention\.(\d+)\.weight")
     if key in expected and key not in state:

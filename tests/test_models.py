@@ -142,14 +142,36 @@ def test_mmoe_and_cgc_gates_sum_to_one() -> None:
     assert len(last([x] * 4)) == 3
 
 
-def test_ple_gate_mixture_is_the_weighted_sum_of_experts() -> None:
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("same_input", [True, False])
+def test_ple_gate_mixture_is_the_weighted_sum_of_experts(batched: bool, same_input: bool) -> None:
+    """Eq. 1-3 by hand from the layer's weights: task k's experts (E_k = 2 each) and the shared
+    ones (3) on their inputs, task k's gate a softmax over its own and the shared experts, the
+    shared gate a softmax over all of them; with one input for all (the first layer) or task
+    inputs of their own (deeper layers, DTRN)."""
     torch.manual_seed(1)
-    cgc = CGCLayer(4, n_tasks=2, task_experts=1, shared_experts=2, hidden=[3], last=True)
+    cgc = CGCLayer(4, n_tasks=2, task_experts=2, shared_experts=3, hidden=[3], last=False)
+    cgc.batched = batched
     x = torch.randn(5, 4)
-    out = cgc([x, x, x])
-    experts = torch.cat([cgc.task_experts[0](x), cgc.shared_experts(x)], dim=1)  # [B, 3, H]
-    w = torch.softmax(cgc.task_gates[0](x), dim=1)
-    torch.testing.assert_close(out[0], (w.unsqueeze(-1) * experts).sum(1))
+    inputs = [x, x, x] if same_input else [torch.randn(5, 4) for _ in range(3)]
+    outs = cgc(inputs)
+    w, b = cgc.experts.weights[0], cgc.experts.biases[0]  # [7, 4, 3], [7, 1, 3]
+
+    def expert(j: int, xin: torch.Tensor) -> torch.Tensor:
+        return torch.relu(xin @ w[j] + b[j])
+
+    gw, gb = cgc.gates.weight, cgc.gates.bias  # rows: task 0 (5), task 1 (5), shared (7)
+    shared = [expert(j, inputs[2]) for j in (4, 5, 6)]
+    for k, rows in ((0, slice(0, 5)), (1, slice(5, 10))):
+        own = [expert(j, inputs[k]) for j in (2 * k, 2 * k + 1)]
+        weights = torch.softmax(inputs[k] @ gw[rows].t() + gb[rows], dim=1)
+        want = sum(weights[:, i : i + 1] * e for i, e in enumerate(own + shared))
+        torch.testing.assert_close(outs[k], want)
+        torch.testing.assert_close(cgc.last_gates[k], weights)
+    every = [expert(j, inputs[j // 2]) for j in range(4)] + shared
+    weights = torch.softmax(inputs[2] @ gw[10:].t() + gb[10:], dim=1)
+    want = sum(weights[:, i : i + 1] * e for i, e in enumerate(every))
+    torch.testing.assert_close(outs[2], want)
 
 
 def test_stan_loss_is_gamma_bce_plus_mse() -> None:
@@ -378,3 +400,36 @@ def test_a_model_saved_with_per_task_towers_loads_into_the_stacked_layout(name: 
     # a state dict already in the stacked layout is left as it is
     now = model.state_dict()
     assert upgrade_state_dict(now, now.keys()).keys() == now.keys()
+
+
+def test_a_cgc_layer_saved_with_per_task_experts_and_gates_loads_into_the_fused_layer() -> None:
+    """The CGC layout before the fusion (an ExpertGroup and a gate per task, a shared group and
+    gate) upgraded by ``upgrade_state_dict`` computes what those modules computed."""
+    from torch import nn
+
+    from model.registry import upgrade_state_dict
+
+    torch.manual_seed(3)
+    T, te, se, width = 2, 2, 3, 4
+    task_groups = [ExpertGroup(width, te, [5, 3]) for _ in range(T)]
+    shared_group = ExpertGroup(width, se, [5, 3])
+    task_gates = [nn.Linear(width, te + se) for _ in range(T)]
+    shared_gate = nn.Linear(width, T * te + se)
+    old = {}
+    for k in range(T):
+        old |= {f"task_experts.{k}.{n}": v for n, v in task_groups[k].state_dict().items()}
+        old |= {f"task_gates.{k}.{n}": v for n, v in task_gates[k].state_dict().items()}
+    old |= {f"shared_experts.{n}": v for n, v in shared_group.state_dict().items()}
+    old |= {f"shared_gate.{n}": v for n, v in shared_gate.state_dict().items()}
+    cgc = CGCLayer(width, n_tasks=T, task_experts=te, shared_experts=se, hidden=[5, 3], last=False)
+    cgc.load_state_dict(upgrade_state_dict(old, cgc.state_dict().keys()))
+    x = torch.randn(6, width)
+    outs = cgc([x] * (T + 1))
+    shared = shared_group(x)
+    for k in range(T):
+        experts = torch.cat([task_groups[k](x), shared], dim=1)
+        w = torch.softmax(task_gates[k](x), dim=1)
+        torch.testing.assert_close(outs[k], (w.unsqueeze(-1) * experts).sum(1))
+    experts = torch.cat([*(g(x) for g in task_groups), shared], dim=1)
+    w = torch.softmax(shared_gate(x), dim=1)
+    torch.testing.assert_close(outs[T], (w.unsqueeze(-1) * experts).sum(1))
