@@ -286,13 +286,14 @@ class CGCLayer(nn.Module):
             B, E, _ = experts.shape
             task_w = torch.softmax(torch.stack(logits[:T], dim=1), dim=-1)  # [B, T, E_task]
             # every gate's weights over all E experts (0 where a gate does not look), one bmm
+            # (in the experts' dtype: under autocast the softmax is fp32, the experts bf16)
             mixing = experts.new_zeros(B, T, E).scatter(
-                2, self.task_expert_index.expand(B, -1, -1), task_w
+                2, self.task_expert_index.expand(B, -1, -1), task_w.to(experts.dtype)
             )
             gates = list(task_w.unbind(1))
             if not self.last:
                 shared_w = torch.softmax(logits[T], dim=-1)
-                mixing = torch.cat([mixing, shared_w.unsqueeze(1)], dim=1)
+                mixing = torch.cat([mixing, shared_w.to(experts.dtype).unsqueeze(1)], dim=1)
                 gates.append(shared_w)
             outs = list(torch.bmm(mixing, experts).unbind(1))
         else:

@@ -65,8 +65,11 @@ def test_forward_backward_shapes(name: str) -> None:
     assert bool((scores[:, binary] <= 1).all())
 
 
+@pytest.mark.parametrize("batched", [None, True])
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_bf16_autocast_runs_the_matmuls_in_bf16_and_the_loss_in_fp32(name: str) -> None:
+def test_bf16_autocast_runs_the_matmuls_in_bf16_and_the_loss_in_fp32(
+    name: str, batched: bool | None
+) -> None:
     """``train.precision=bf16``: every linear layer of the dense arch (the batched experts and
     towers too) computes in bfloat16, the logits, losses, gradients and parameters are fp32,
     and the loss is the fp32 loss to bfloat16's precision (8 bits of mantissa)."""
@@ -76,6 +79,9 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_the_loss_in_fp32(name: str) 
     loss32, (per32, _, _) = MultiTaskTrain(fp32)(batch)
     model = _model(name)
     model.train()
+    for m in model.modules():  # True: the accelerator's batched kernels, here on CPU
+        if hasattr(m, "batched"):
+            m.batched = batched
     linear_dtypes: list[torch.dtype] = []
     hooks = [
         m.register_forward_hook(lambda _m, _i, out: linear_dtypes.append(out.dtype))
