@@ -346,6 +346,42 @@ PARITY_AUC_TOLERANCE = 0.002
 PARITY_Z = 1.96
 
 
+def run_sets(
+    lake: str,
+    out: Path,
+    model: str,
+    config: str,
+    batch_size: int,
+    steps: int,
+    parity: bool,
+    device: str,
+    precision: str,
+    num_workers: int = 0,
+    prefetch_batches: int = 0,
+    profile_steps: int = 0,
+) -> list[str]:
+    """The ``--set`` overrides of one measured ``jobs.train`` run."""
+    return [
+        f"lake={lake}",
+        f"output_dir={out}",
+        f"model.name={model}",
+        f"train.batch_size={batch_size}",
+        f"train.max_steps={steps}",
+        # as many epochs as steps: a large batch takes all the steps asked for even where an
+        # epoch of the table is a few batches
+        f"train.epochs={steps}",
+        "train.eval_splits=[valid]" if parity else "train.eval_splits=[]",
+        "train.resume=false",
+        "mlflow.enabled=false",
+        f"train.device={device}",
+        f"train.precision={precision}",
+        f"train.num_workers={num_workers}",
+        f"train.prefetch_batches={prefetch_batches}",
+        f"train.profile_steps={profile_steps}",
+        *TRAIN_CONFIGS[config],
+    ]
+
+
 def bench_train(
     work: Path,
     lake: str,
@@ -398,25 +434,10 @@ def bench_train(
                 for precision in precisions:
                     out = work / f"train_{config}_{model}_{b}_{precision}"
                     shutil.rmtree(out, ignore_errors=True)
-                    sets = [
-                        f"lake={lake}",
-                        f"output_dir={out}",
-                        f"model.name={model}",
-                        f"train.batch_size={b}",
-                        f"train.max_steps={steps}",
-                        # as many epochs as steps: a large batch takes all the steps asked for
-                        # even where an epoch of the table is a few batches
-                        f"train.epochs={steps}",
-                        "train.eval_splits=[valid]" if parity else "train.eval_splits=[]",
-                        "train.resume=false",
-                        "mlflow.enabled=false",
-                        f"train.device={device}",
-                        f"train.precision={precision}",
-                        f"train.num_workers={num_workers}",
-                        f"train.prefetch_batches={prefetch_batches}",
-                        f"train.profile_steps={profile_steps}",
-                        *TRAIN_CONFIGS[config],
-                    ]
+                    sets = run_sets(
+                        lake, out, model, config, b, steps, parity, device, precision,
+                        num_workers, prefetch_batches, profile_steps,
+                    )  # fmt: skip
                     if nproc > 1:
                         sets.append(f"train.threads={max(1, (os.cpu_count() or 1) // nproc)}")
                     cmd = train_command(nproc, sets, python=_py())
@@ -552,7 +573,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.benchmark",
         description=__doc__,
@@ -614,6 +635,11 @@ def main(argv: list[str] | None = None) -> int:
         help="profile this many steps of every run (operators and device kernels per step)",
     )
     tp.add_argument("--work", default="/tmp/lifecycle-bench")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.what == "duckdb-build":
         return duckdb_build_main(args)

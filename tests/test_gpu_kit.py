@@ -42,3 +42,39 @@ def test_the_device_calls_carry_one_chunk_each_within_the_tool_s_limits() -> Non
         assert 1 <= call["timeout_s"] <= 600
     assert "jobs.gpu_kit run" in calls[-1]["command"]
     assert all("jobs.gpu_kit run" not in call["command"] for call in calls[:-1])
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_kit_command_parses_and_every_run_it_makes_validates(quick: bool) -> None:
+    """A wrong flag or config key in the kit would be found only on a lent GPU, after the
+    transfer: every benchmark command parses with the benchmark's own parser, and every
+    ``jobs.train`` run it would launch (models x configs x batches x precisions), like the kit's
+    own ``jobs.train`` calls, validates as a training config."""
+    import shlex
+
+    from jobs import benchmark
+    from jobs.gpu_kit import benchmarks
+    from model.config import load_train_config
+
+    commands = benchmarks(Path("lake"), Path("/tmp/kit-work"), quick)
+    assert commands
+    for name, cmd in commands:
+        assert cmd[1] == "-m", name
+        if cmd[2] == "jobs.train":
+            sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+            load_train_config(REPO / "conf" / "train.yaml", sets)
+            continue
+        assert cmd[2] == "jobs.benchmark", shlex.join(cmd)
+        args = benchmark.build_parser().parse_args(cmd[3:])
+        assert args.what == "train", name
+        for config in args.configs.split(","):
+            for model in args.models.split(","):
+                for batch in args.batch_sizes.split(","):
+                    for precision in args.precisions.split(","):
+                        sets = benchmark.run_sets(
+                            args.lake, Path("/tmp/out"), model, config, int(batch), args.steps,
+                            args.parity, args.device, precision, args.num_workers,
+                            args.prefetch_batches, args.profile_steps,
+                        )  # fmt: skip
+                        cfg = load_train_config(REPO / "conf" / "train.yaml", sets)
+                        assert cfg.model.name == model and cfg.train.batch_size == int(batch)
