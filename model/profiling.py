@@ -44,8 +44,8 @@ class StepProfiler:
     Perfetto trace) under ``out_dir`` and returns the per-step figures (`step_counts`, and the
     host's wall time per profiled step, profiler overhead included)."""
 
-    def __init__(self, out_dir: Path, steps: int, device: torch.device, rank: int) -> None:
-        self.out_dir, self.steps, self.device, self.rank = Path(out_dir), steps, device, rank
+    def __init__(self, out_dir: Path, device: torch.device, rank: int) -> None:
+        self.out_dir, self.device, self.rank = Path(out_dir), device, rank
         self.active = False
         activities = [ProfilerActivity.CPU]
         if device.type == "cuda":

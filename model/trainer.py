@@ -921,11 +921,7 @@ def _train(
     rows_here = train_loader.dataset.rows_per_rank[rank]
     batch_rows = tc.batch_size
     warmup = min(3, max(total_steps - step - 1, 0))  # steps left out of the throughput
-    profiler = (
-        StepProfiler(out_dir / "profile", tc.profile_steps, device, rank)
-        if tc.profile_steps
-        else None
-    )
+    profiler = StepProfiler(out_dir / "profile", device, rank) if tc.profile_steps else None
     profile_figures: dict[str, float] = {}
     timed_from = warmup + tc.profile_steps  # the profiled steps are not timed either
     samples_timed = 0
@@ -957,7 +953,7 @@ def _train(
             beta_state.reset()  # each epoch replays the chronology from the start
         batches = _device_batches(prefetch(train_loader, tc.prefetch_batches), device, pipelined)
         while step < total_steps:
-            if profiler is not None and steps_run == warmup and not profile_figures:
+            if profiler is not None and steps_run == warmup and not profiler.active:
                 profiler.start()
             try:
                 loss, per_task = step_fn(batches)
